@@ -1,0 +1,1 @@
+"""Speech recognition behind one narrow interface (see gateway.asr.interface)."""

@@ -1,0 +1,1 @@
+"""SIP protocol core (sans-I/O) and its asyncio transports."""
