@@ -1,0 +1,489 @@
+"""The gateway: wires SIP, RTP, VAD, ASR and the publisher together.
+
+Everything runs on one asyncio loop except the heavy numeric work: batched VAD
+inference and Whisper run in their own threads (onnxruntime and CTranslate2
+release the GIL), so packet handling never waits behind a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from . import sdp
+from .asr.interface import Transcriber, TranscriptionResult
+from .call import Call
+from .config import Settings
+from .dialplan import Dialplan, Route, load_dialplan
+from .events import CALL_ENDED, CALL_STARTED, TURN_FINAL, CallInfo, Event, EventFactory
+from .http import HttpServer, build_app
+from .media.turn import TurnConfig
+from .media.vad import BatchedVadRunner, SileroVad
+from .metrics import Metrics
+from .pipeline import LegPipeline
+from .publisher import Publisher
+from .rtp.receiver import RtpReceiver
+from .rtp.transport import RtpPortAllocator, open_rtp_socket
+from .sip.events import CallCancelled, CallConfirmed, CallEnded, IncomingCall, MalformedMessage, ReInvite
+from .sip.message import NameAddress, SipRequest
+from .sip.transport import SipEndpoint
+from .sip.useragent import UserAgent
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.02  # jitter-buffer release cadence
+TIMEOUT_CHECK_INTERVAL = 0.5
+
+
+def turn_config(settings: Settings) -> TurnConfig:
+    return TurnConfig(
+        threshold=settings.vad_threshold,
+        silence_ms=settings.silence_ms,
+        min_speech_ms=settings.min_speech_ms,
+        pad_before_ms=settings.pad_before_ms,
+        pad_after_ms=settings.pad_after_ms,
+        speculative_ms=settings.speculative_ms,
+        max_turn_s=settings.max_turn_s,
+        partial_interval_ms=settings.partial_interval_ms if settings.asr_partials else 0,
+    )
+
+
+def default_dialplan(settings: Settings) -> Dialplan:
+    if settings.dialplan:
+        return load_dialplan(settings.dialplan)
+    bundled = Path("dialplans/default.yaml")
+    if bundled.is_file():
+        return load_dialplan(bundled)
+    return Dialplan.accept_all()
+
+
+def build_transcriber(settings: Settings) -> Transcriber:
+    from .asr.whisper import WhisperTranscriber  # imports faster-whisper: only when needed
+
+    window: str | float = settings.asr_window if settings.asr_window == "auto" else float(settings.asr_window)
+    return WhisperTranscriber(
+        settings.asr_model,
+        device=settings.asr_device,
+        compute_type=settings.asr_compute_type,
+        cpu_threads=settings.asr_threads,
+        workers=settings.asr_workers,
+        window=window,
+        local_files_only=settings.asr_local_files_only,
+    )
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transcriber: Transcriber | None = None,
+        dialplan: Dialplan | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transcriber = transcriber
+        self.dialplan = dialplan if dialplan is not None else default_dialplan(settings)
+        self.calls: dict[str, Call] = {}
+        self._setting_up: dict[str, bool] = {}  # dialog id -> cancelled?
+        self._ending: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self.metrics = Metrics(self._snapshot)
+        self.publisher = Publisher(
+            settings.redis_url,
+            events_stream=settings.events_stream,
+            call_stream=settings.call_stream,
+            maxlen=settings.stream_maxlen,
+            call_maxlen=settings.call_stream_maxlen,
+            call_ttl_s=settings.call_stream_ttl_s,
+            buffer_limit=settings.publish_buffer,
+            on_published=self._on_published,
+        )
+        self.ports = RtpPortAllocator(settings.rtp_port_min, settings.rtp_port_max)
+        self.ua = UserAgent(local_host=settings.sip_advertise_host or settings.sip_host,
+                            local_port=settings.sip_port, user_agent=settings.sip_user_agent)
+        self.sip = SipEndpoint(self.ua, self._on_sip_event)
+        self.vad: SileroVad | None = None
+        self.vad_runner: BatchedVadRunner | None = None
+        self.http: HttpServer | None = None
+        self._ended_rtp: dict[str, int] = {}
+        self._closed = asyncio.Event()
+
+    # -- life cycle
+    async def start(self) -> None:
+        s = self.settings
+        if self.transcriber is None:
+            log.info("loading ASR model %s", s.asr_model)
+            self.transcriber = await asyncio.to_thread(build_transcriber, s)
+        self.vad = SileroVad()
+        self.vad_runner = BatchedVadRunner(self.vad)
+        self.vad_runner.on_tick = self._on_vad_tick
+        self._spawn(self.vad_runner.run())
+        await self.publisher.start()
+        await self.sip.start(s.sip_host, s.sip_port, udp=s.sip_udp, tcp=s.sip_tcp)
+        if s.sip_port == 0:  # tests: learn the real port for Contact headers
+            self.ua.local_port = self.sip.udp_port if s.sip_udp else self.sip.tcp_port
+        self.http = HttpServer(build_app(self.metrics, self._health), s.http_host, s.http_port)
+        await self.http.start()
+        self._spawn(self._poll_loop())
+        log.info("Earshot listening: SIP %s:%d (%s), HTTP http://%s:%d, Redis %s",
+                 s.sip_host, self.sip_port, "/".join(t for t, on in (("udp", s.sip_udp), ("tcp", s.sip_tcp)) if on),
+                 s.http_host, self.http.port, s.redis_url)
+
+    @property
+    def sip_port(self) -> int:
+        return self.sip.udp_port if self.settings.sip_udp else self.sip.tcp_port
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop taking calls (503), let active ones finish, then end the rest cleanly."""
+        timeout = self.settings.drain_timeout_s if timeout is None else timeout
+        self.draining = True
+        log.info("draining: %d active calls, up to %.0f s", len(self.calls), timeout)
+        deadline = time.monotonic() + timeout
+        while (self.calls or self._setting_up) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for call in list(self.calls.values()):
+            self.end_call(call, "shutdown", hangup=True)
+        if self._ending:
+            await asyncio.gather(*self._ending.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        if not self.draining:
+            await self.drain(0)
+        await self.sip.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.publisher.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.transcriber is not None:
+            await self.transcriber.close()
+        self._closed.set()
+
+    # -- SIP events
+    def _on_sip_event(self, event: object) -> None:
+        if isinstance(event, IncomingCall):
+            self._setting_up[event.dialog_id] = False
+            self._spawn(self._incoming(event))
+        elif isinstance(event, CallConfirmed):
+            call = self.calls.get(event.dialog_id)
+            if call is not None:
+                call.confirmed = True
+        elif isinstance(event, CallCancelled):
+            if event.dialog_id in self._setting_up:
+                self._setting_up[event.dialog_id] = True
+                self.metrics.calls.labels("cancelled").inc()
+            call = self.calls.get(event.dialog_id)
+            if call is not None:
+                self.end_call(call, "cancelled")
+        elif isinstance(event, CallEnded):
+            if event.dialog_id in self._setting_up:
+                self._setting_up[event.dialog_id] = True
+            call = self.calls.get(event.dialog_id)
+            if call is not None:
+                self.end_call(call, event.reason)
+        elif isinstance(event, ReInvite):
+            self._reinvite(event)
+        elif isinstance(event, MalformedMessage):
+            log.debug("malformed SIP from %s: %s", event.peer, event.reason)
+
+    def _reject(self, dialog_id: str, status: int, reason: str | None = None,
+                headers: list[tuple[str, str]] | None = None, outcome: str = "rejected") -> None:
+        self._setting_up.pop(dialog_id, None)
+        self.ua.reject(dialog_id, status, reason, headers or [], now=time.monotonic())
+        self.sip.flush()
+        self.metrics.calls.labels(outcome).inc()
+
+    async def _incoming(self, event: IncomingCall) -> None:
+        s = self.settings
+        dialog_id = event.dialog_id
+        retry_after = [("Retry-After", str(s.retry_after_s))]
+        if self.draining:
+            self._reject(dialog_id, 503, "Service Unavailable - Shutting Down", retry_after, "draining")
+            return
+        if len(self.calls) + len(self._setting_up) - 1 >= s.max_calls:
+            self._reject(dialog_id, 503, "Service Unavailable - Call Limit Reached", retry_after, "overload")
+            return
+        request = event.request
+        from_uri, from_user = _party(request, "From")
+        to_uri, to_user = _party(request, "To")
+        route = self.dialplan.route(to_uri=to_uri, from_uri=from_uri, to_user=to_user, from_user=from_user,
+                                    source=event.peer.host)
+        if route.action == "reject":
+            self._reject(dialog_id, route.status, route.reason, outcome="dialplan")
+            return
+        if not event.offer.strip():
+            self._reject(dialog_id, 488, "Not Acceptable Here - Offer Required In INVITE", outcome="bad-sdp")
+            return
+        try:
+            offer = sdp.SessionDescription.parse(event.offer)
+        except sdp.SdpError as exc:
+            self._reject(dialog_id, 400, f"Bad Request - Malformed SDP: {exc.reason}", outcome="bad-sdp")
+            return
+        local_host = self.ua.local_host_for(request)
+        try:
+            port = self.ports.allocate()
+        except RuntimeError:
+            self._reject(dialog_id, 503, "Service Unavailable - No RTP Ports", retry_after, "overload")
+            return
+        session_id = random.randrange(1, 2**31)
+        try:
+            negotiated = sdp.negotiate(offer, local_host=local_host, local_port=port, session_id=session_id,
+                                       session_version=1)
+        except sdp.NoAcceptableCodec as exc:
+            self.ports.release(port)
+            self._reject(dialog_id, 488, f"Not Acceptable Here - {exc}", outcome="no-codec")
+            return
+        except sdp.SdpError as exc:
+            self.ports.release(port)
+            self._reject(dialog_id, 488, f"Not Acceptable Here - {exc.reason}", outcome="bad-sdp")
+            return
+        call = self._make_call(event, route, negotiated, port, session_id, from_uri, to_uri)
+        try:
+            call.socket = await open_rtp_socket(s.rtp_host, port, call.on_datagram)
+        except OSError as exc:
+            log.error("cannot open RTP port %d: %s", port, exc)
+            self.ports.release(port)
+            self._reject(dialog_id, 503, "Service Unavailable - RTP Port Unavailable", retry_after, "overload")
+            return
+        if self._setting_up.pop(dialog_id, False):  # cancelled while we were setting up
+            call.socket.close()
+            self.ports.release(port)
+            return
+        self.calls[dialog_id] = call
+        now = time.monotonic()
+        call.answered_at = now
+        self.ua.answer(dialog_id, negotiated.answer.to_bytes(), now)
+        self.sip.flush()
+        assert self.vad_runner is not None
+        self.vad_runner.register(call.pipeline)
+        self.metrics.calls.labels("answered").inc()
+        self.publisher.publish(call.events.make(CALL_STARTED, {
+            "codec": negotiated.codec,
+            "remote_media": f"{negotiated.remote_host}:{negotiated.remote_port}",
+            "local_media_port": port,
+            "transport": event.peer.transport,
+            "dialplan_rule": route.rule,
+            "language": call.pipeline_language,
+            "legs": [route.leg],
+        }))
+
+    def _make_call(self, event: IncomingCall, route: Route, negotiated: sdp.Negotiated, port: int,
+                   session_id: int, from_uri: str, to_uri: str) -> Call:
+        s = self.settings
+        call_id = str(uuid.uuid4())
+        sip_call_id = event.request.headers.get("Call-ID") or ""
+        info = CallInfo(call_id=call_id, sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri,
+                        started_at=time.time(), tags=route.tags)
+        events = EventFactory(info)
+        receiver = RtpReceiver(
+            expected_host=negotiated.remote_host,
+            expected_port=negotiated.remote_port,
+            codecs={negotiated.payload_type: negotiated.codec},
+            dtmf_payload_type=negotiated.dtmf_payload_type,
+            jitter_delay=s.rtp_jitter_ms / 1000.0,
+        )
+        language = route.language or s.asr_language or None
+        assert self.transcriber is not None
+        holder: dict[str, Call] = {}
+        pipeline = LegPipeline(
+            key=f"{call_id}/{route.leg}",
+            leg=route.leg,
+            events=events,
+            publish=self.publisher.publish,
+            transcriber=self.transcriber,
+            turn_config=turn_config(s),
+            language=language,
+            resampler=s.resampler,
+            partials=s.asr_partials,
+            origin_ms=lambda: holder["call"].origin_ms(),
+            on_final=self._on_final,
+        )
+        call = Call(
+            call_id=call_id,
+            dialog_id=event.dialog_id,
+            events=events,
+            receiver=receiver,
+            pipeline=pipeline,
+            publish=self.publisher.publish,
+            answered_at=time.monotonic(),
+            local_port=port,
+            codec=negotiated.codec,
+            on_hold=negotiated.on_hold,
+            clock=time.monotonic,
+        )
+        call.session_id = session_id  # type: ignore[attr-defined]
+        call.pipeline_language = language  # type: ignore[attr-defined]
+        holder["call"] = call
+        return call
+
+    def _reinvite(self, event: ReInvite) -> None:
+        call = self.calls.get(event.dialog_id)
+        now = time.monotonic()
+        if call is None or call.ending:
+            self.ua.reject_reinvite(event.dialog_id, 481, now)
+            self.sip.flush()
+            return
+        try:
+            offer = sdp.SessionDescription.parse(event.offer)
+            call.sdp_version += 1
+            negotiated = sdp.negotiate(offer, local_host=self.ua.local_host_for(event.request),
+                                       local_port=call.local_port,
+                                       session_id=call.session_id,  # type: ignore[attr-defined]
+                                       session_version=call.sdp_version)
+        except (sdp.SdpError, sdp.NoAcceptableCodec) as exc:
+            log.info("re-INVITE on %s refused: %s", call.call_id, exc)
+            self.ua.reject_reinvite(event.dialog_id, 488, now)
+            self.sip.flush()
+            return
+        call.receiver.update(
+            expected_host=negotiated.remote_host,
+            expected_port=negotiated.remote_port,
+            codecs={negotiated.payload_type: negotiated.codec},
+            dtmf_payload_type=negotiated.dtmf_payload_type,
+        )
+        call.codec = negotiated.codec
+        call.on_hold = negotiated.on_hold
+        self.ua.accept_reinvite(event.dialog_id, negotiated.answer.to_bytes(), now)
+        self.sip.flush()
+
+    # -- ending calls
+    def end_call(self, call: Call, reason: str, *, hangup: bool = False) -> None:
+        if call.ending:
+            return
+        call.ending = True
+        if hangup:
+            self.ua.hangup(call.dialog_id, time.monotonic())
+            self.sip.flush()
+        task = asyncio.create_task(self._finish_call(call, reason))
+        self._ending[call.dialog_id] = task
+        task.add_done_callback(lambda _t, d=call.dialog_id: self._ending.pop(d, None))
+
+    async def _finish_call(self, call: Call, reason: str) -> None:
+        try:
+            if call.socket is not None:
+                call.socket.close()
+            now = time.monotonic()
+            call.flush_media(now)
+            assert self.vad_runner is not None
+            await self.vad_runner.drain()
+            self.vad_runner.unregister(call.pipeline)
+            await call.pipeline.close()
+            stats = call.receiver.stats
+            for name in ("packets", "lost_packets", "late", "duplicates", "foreign_dropped", "malformed", "rtcp"):
+                self._ended_rtp[name] = self._ended_rtp.get(name, 0) + int(getattr(stats, name, 0))
+            self.publisher.publish(call.events.make(CALL_ENDED, {
+                "reason": reason,
+                "duration_ms": round((time.monotonic() - call.answered_at) * 1000),
+                "turns": call.pipeline.turns_published,
+                "dtmf": call.dtmf_count,
+                "rtp": {
+                    "packets": int(getattr(stats, "packets", 0)),
+                    "lost": int(getattr(stats, "lost_packets", 0)),
+                    "late": int(getattr(stats, "late", 0)),
+                    "duplicates": int(getattr(stats, "duplicates", 0)),
+                    "foreign_dropped": int(getattr(stats, "foreign_dropped", 0)),
+                    "malformed": int(getattr(stats, "malformed", 0)),
+                },
+            }))
+            self.metrics.calls.labels(f"ended-{reason}").inc()
+        except Exception:
+            log.exception("error while ending call %s", call.call_id)
+        finally:
+            self.ports.release(call.local_port)
+            self.calls.pop(call.dialog_id, None)
+
+    # -- periodic work
+    async def _poll_loop(self) -> None:
+        next_timeout_check = 0.0
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            now = time.monotonic()
+            for call in list(self.calls.values()):
+                call.poll(now)
+            if now >= next_timeout_check:
+                next_timeout_check = now + TIMEOUT_CHECK_INTERVAL
+                limit = self.settings.media_timeout_s
+                for call in list(self.calls.values()):
+                    if call.ending or call.on_hold:
+                        continue
+                    if now - call.last_media_at() > limit:
+                        log.info("call %s: no RTP for %.0f s, hanging up", call.call_id, limit)
+                        self.end_call(call, "media-timeout", hangup=True)
+
+    # -- observability
+    def _on_vad_tick(self, seconds: float, batch: int) -> None:
+        self.metrics.vad_tick.observe(seconds)
+        self.metrics.vad_batch.set(batch)
+
+    def _on_final(self, reason: str, result: TranscriptionResult | None) -> None:
+        self.metrics.turns.labels(reason).inc()
+        if result is not None:
+            self.metrics.asr_seconds.labels("final").observe(result.processing_seconds)
+
+    def _on_published(self, event: Event, latency: float) -> None:
+        if event.type == TURN_FINAL and latency == latency:  # not NaN
+            self.metrics.turn_latency.observe(latency)
+
+    def _snapshot(self) -> dict[str, float]:
+        totals = dict(self._ended_rtp)
+        for call in self.calls.values():
+            stats = call.receiver.stats
+            for name in ("packets", "lost_packets", "late", "duplicates", "foreign_dropped", "malformed", "rtcp"):
+                totals[name] = totals.get(name, 0) + int(getattr(stats, name, 0))
+        return {
+            "active_calls": len(self.calls),
+            "publish_backlog": self.publisher.backlog,
+            "draining": 1.0 if self.draining else 0.0,
+            "rtp_packets": totals.get("packets", 0),
+            "rtp_lost_packets": totals.get("lost_packets", 0),
+            "rtp_late_packets": totals.get("late", 0),
+            "rtp_duplicate_packets": totals.get("duplicates", 0),
+            "rtp_foreign_packets": totals.get("foreign_dropped", 0),
+            "rtp_malformed_packets": totals.get("malformed", 0),
+            "rtp_rtcp_packets": totals.get("rtcp", 0),
+            "sip_messages_in": self.sip.messages_in,
+            "sip_messages_out": self.sip.messages_out,
+            "sip_malformed": self.sip.malformed,
+            "published_events": self.publisher.published,
+            "dropped_partials": self.publisher.dropped_partials,
+        }
+
+    async def _health(self) -> dict[str, Any]:
+        redis_ok = await self.publisher.ping()
+        status = "draining" if self.draining else "ok"
+        return {
+            "status": status,
+            "active_calls": len(self.calls),
+            "redis": "ok" if redis_ok else "unreachable",
+            "publish_backlog": self.publisher.backlog,
+            "asr_model": self.settings.asr_model,
+        }
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+
+def _party(request: SipRequest, header: str) -> tuple[str, str]:
+    """(URI, user part) of From or To; empty strings when unreadable."""
+    value = request.headers.get(header) or ""
+    try:
+        address = NameAddress.parse(value)
+    except ValueError:
+        return value, ""
+    uri = address.uri
+    return str(uri), getattr(uri, "user", "") or ""

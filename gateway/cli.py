@@ -1,0 +1,98 @@
+"""The ``earshot`` command line: run, tail, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from . import __version__
+from .config import ConfigError, Settings, describe, load_settings
+from .dialplan import DialplanError
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    try:
+        return load_settings(args.config, **overrides)
+    except ConfigError as exc:
+        print(f"earshot: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def _run(settings: Settings) -> int:
+    from .app import Gateway  # heavy imports only for `run`
+
+    try:
+        gateway = Gateway(settings)
+    except DialplanError as exc:
+        print(f"earshot: dialplan error: {exc}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        print(f"earshot: cannot start: {exc}", file=sys.stderr)
+        await gateway.close()
+        return 1
+    print(f"earshot: ready (SIP port {gateway.sip_port}, HTTP http://{settings.http_host}:"
+          f"{gateway.http.port if gateway.http else settings.http_port})", flush=True)
+    await stop.wait()
+    print("earshot: draining (new calls get 503)", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the drain at once
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gateway.drain(0)))
+    await gateway.drain()
+    await gateway.close()
+    print("earshot: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="earshot", description="Real-time speech transcription gateway")
+    parser.add_argument("--version", action="version", version=f"earshot {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway (SIP, RTP, VAD, ASR, Redis publisher, HTTP)")
+    run.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
+    run.add_argument("--sip-port", type=int, help="SIP port for UDP and TCP (default 5060)")
+    run.add_argument("--http-port", type=int, help="HTTP port for /healthz and /metrics (default 8080)")
+
+    tail = sub.add_parser("tail", help="follow the event stream and print transcripts")
+    tail.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
+    tail.add_argument("--call", help="follow one call's stream (call id)")
+    tail.add_argument("--from-start", action="store_true", help="print the stream from its beginning")
+    tail.add_argument("--partials", action="store_true", help="also print interim partial transcripts")
+    tail.add_argument("--json", action="store_true", help="print each event as JSON")
+    tail.add_argument("-n", "--count", type=int, help="exit after printing this many events")
+
+    cfg = sub.add_parser("config", help="validate the configuration and print the effective settings")
+    cfg.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
+
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        settings = _settings(args, sip_port=args.sip_port, http_port=args.http_port)
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return asyncio.run(_run(settings))
+    if args.command == "tail":
+        from .tail import tail as run_tail
+
+        settings = _settings(args)
+        stream = settings.call_stream(args.call) if args.call else settings.events_stream
+        return run_tail(settings.redis_url, stream, from_start=args.from_start, partials=args.partials,
+                        as_json=args.json, count=args.count)
+    if args.command == "config":
+        settings = _settings(args)
+        print(json.dumps(describe(settings), indent=2))
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

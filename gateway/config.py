@@ -1,0 +1,230 @@
+"""Gateway settings: defaults, a YAML file, and ``EARSHOT_<NAME>`` environment variables.
+
+Every setting has one flat name (``sip_port``, ``redis_url``...). The file may use
+those names directly or group them in sections (``sip: {port: 5060}`` is
+``sip_port``). Precedence: defaults < file < environment. Every value is checked
+here, once, so that a mistake is reported with where it came from (file and line,
+or the variable name) instead of surfacing later as an odd failure deep in a call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "EARSHOT_"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the setting and where it came from."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # SIP
+    sip_host: str = "0.0.0.0"
+    sip_port: int = 5060
+    sip_udp: bool = True
+    sip_tcp: bool = True
+    sip_advertise_host: str = ""  # Contact/SDP address; empty: the address the caller dialled
+    sip_user_agent: str = "Earshot"
+    # RTP
+    rtp_host: str = "0.0.0.0"
+    rtp_port_min: int = 10000
+    rtp_port_max: int = 20000
+    rtp_jitter_ms: int = 60
+    media_timeout_s: float = 30.0
+    # capacity and shutdown
+    max_calls: int = 500
+    retry_after_s: int = 30
+    drain_timeout_s: float = 30.0
+    # HTTP (health, metrics)
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Redis Streams output
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    stream_prefix: str = "earshot"
+    stream_maxlen: int = 100_000
+    call_stream_maxlen: int = 2_000
+    call_stream_ttl_s: int = 86_400
+    publish_buffer: int = 1_000_000
+    # ASR
+    asr_model: str = "tiny.en"
+    asr_device: str = "auto"
+    asr_compute_type: str = "default"
+    asr_threads: int = 0
+    asr_workers: int = 1
+    asr_window: str = "auto"
+    asr_language: str = ""  # empty: the model's own (English for .en models, else detect)
+    asr_local_files_only: bool = False
+    asr_partials: bool = True
+    # audio, VAD and turns
+    resampler: str = "polyphase"
+    vad_threshold: float = 0.5
+    silence_ms: int = 500
+    min_speech_ms: int = 250
+    pad_before_ms: int = 300
+    pad_after_ms: int = 150
+    speculative_ms: int = 200
+    max_turn_s: float = 20.0
+    partial_interval_ms: int = 1000
+    # routing and logging
+    dialplan: str = ""  # path; empty: dialplans/default.yaml if present, else accept every call
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        """Cross-field checks; single values are checked when parsed."""
+        _check(1 <= self.sip_port <= 65535, "sip_port", "must be 1..65535")
+        _check(0 <= self.http_port <= 65535, "http_port", "must be 0..65535")
+        _check(
+            1024 <= self.rtp_port_min < self.rtp_port_max <= 65535,
+            "rtp_port_min/rtp_port_max",
+            "need 1024 <= rtp_port_min < rtp_port_max <= 65535",
+        )
+        _check(self.max_calls >= 1, "max_calls", "must be at least 1")
+        _check(
+            (self.rtp_port_max - self.rtp_port_min) // 2 >= 1,
+            "rtp_port_min/rtp_port_max",
+            "the range holds no RTP/RTCP port pair",
+        )
+        _check(0.0 < self.vad_threshold < 1.0, "vad_threshold", "must be between 0 and 1")
+        _check(self.silence_ms >= 64, "silence_ms", "must be at least 64 (two VAD chunks)")
+        _check(
+            self.pad_after_ms <= self.speculative_ms < self.silence_ms,
+            "speculative_ms",
+            "need pad_after_ms <= speculative_ms < silence_ms",
+        )
+        _check(self.max_turn_s >= 2.0, "max_turn_s", "must be at least 2 seconds")
+        _check(self.media_timeout_s > 0, "media_timeout_s", "must be positive")
+        _check(self.resampler in ("polyphase", "ratecv", "soxr"), "resampler",
+               "must be one of polyphase, ratecv, soxr")
+        _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level",
+               "must be one of debug, info, warning, error")
+        _check(self.asr_workers >= 1, "asr_workers", "must be at least 1")
+        if self.asr_window != "auto":
+            try:
+                ok = 1.0 <= float(self.asr_window) <= 30.0
+            except ValueError:
+                ok = False
+            _check(ok, "asr_window", "must be 'auto' or seconds between 1 and 30")
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.stream_prefix}:events"
+
+    def call_stream(self, call_id: str) -> str:
+        return f"{self.stream_prefix}:call:{call_id}"
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _coerce(name: str, raw: Any, where: str) -> Any:
+    """Turn a file or environment value into the field's type, or explain why not."""
+    kind = _FIELDS[name].type
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(str(raw).strip()) if not isinstance(raw, (int, float)) else int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if raw is None:
+            return ""
+        if isinstance(raw, (dict, list)):
+            raise ValueError
+        return str(raw)
+    except (TypeError, ValueError):
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind, "a string")
+        raise ConfigError(f"{where}: {name}: expected {expected}, got {raw!r}") from None
+
+
+def _flatten(node: yaml.Node, path: str, prefix: str, out: dict[str, tuple[Any, str]]) -> None:
+    """Flatten a YAML mapping into {setting: (value, "file line N")}."""
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path} line {node.start_mark.line + 1}: expected a mapping of settings")
+    for key_node, value_node in node.value:
+        key = str(key_node.value).strip().replace("-", "_").lower()
+        name = f"{prefix}{key}"
+        where = f"{path} line {key_node.start_mark.line + 1}"
+        if isinstance(value_node, yaml.MappingNode) and name not in _FIELDS:
+            _flatten(value_node, path, f"{name}_", out)
+            continue
+        if name not in _FIELDS:
+            raise ConfigError(f"{where}: unknown setting {name!r}")
+        value = yaml.safe_load(yaml.serialize(value_node))
+        out[name] = (value, where)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build validated settings from defaults, an optional YAML file and the environment."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(f"{ENV_PREFIX}CONFIG"):
+        path = environ[f"{ENV_PREFIX}CONFIG"]
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read configuration file: {exc.strerror}") from None
+        try:
+            root = yaml.compose(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{file}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if root is not None:
+            found: dict[str, tuple[Any, str]] = {}
+            _flatten(root, str(file), "", found)
+            for name, (raw, where) in found.items():
+                values[name] = _coerce(name, raw, where)
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in _FIELDS:
+            raise ConfigError(f"environment variable {key}: unknown setting {name!r}")
+        values[name] = _coerce(name, raw, f"environment variable {key}")
+    for name, raw in overrides.items():
+        if raw is not None:
+            values[name] = _coerce(name, raw, "command line")
+    settings = Settings(**values)
+    try:
+        settings.validate()
+    except ConfigError as exc:
+        origin = " (from the file and environment given)" if path or values else ""
+        raise ConfigError(f"{exc}{origin}") from None
+    return settings
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The effective settings as a plain dict (for `earshot config`)."""
+    return dataclasses.asdict(settings)

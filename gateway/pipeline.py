@@ -1,0 +1,319 @@
+"""One call leg's media pipeline after RTP: chunking -> VAD -> turns -> ASR -> events.
+
+The leg is fed decoded 8 kHz audio by the call's RTP receiver, hands 32 ms
+chunks to the shared :class:`~gateway.media.vad.BatchedVadRunner` (which calls
+:meth:`on_vad` back), and turns the turn detector's events into ASR requests and
+published transcript events.
+
+The final transcription starts speculatively as soon as the detector reports
+``TurnEnding`` (a short silence), and is published the moment ``TurnFinal``
+confirms the end: the silence threshold and the ASR run overlap instead of
+adding up. Finals are published strictly in turn order; a partial is dropped
+rather than published out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .asr.interface import Superseded, Transcriber, TranscriptionRequest, TranscriptionResult
+from .events import TURN_FINAL, TURN_PARTIAL, Event, EventFactory
+from .media.resample import upsample_8k_to_16k
+from .media.turn import (
+    PartialDue,
+    TurnConfig,
+    TurnDetector,
+    TurnDiscarded,
+    TurnEnding,
+    TurnFinal,
+    TurnResumed,
+    TurnStarted,
+)
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 8000
+CHUNK = 256  # 32 ms at 8 kHz: Silero's chunk size
+CHUNK_BYTES = CHUNK * 2
+
+
+@dataclass
+class _Speculation:
+    start_sample: int
+    end_sample: int
+    task: asyncio.Task[TranscriptionResult]
+
+
+class LegPipeline:
+    """Implements the VadStream protocol for one leg of one call."""
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        leg: str,
+        events: EventFactory,
+        publish: Callable[[Event], None],
+        transcriber: Transcriber,
+        turn_config: TurnConfig,
+        language: str | None,
+        resampler: str = "polyphase",
+        partials: bool = True,
+        origin_ms: Callable[[], float] = lambda: 0.0,
+        on_final: Callable[[str, TranscriptionResult | None], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.key = key
+        self.leg = leg
+        self._events = events
+        self._publish = publish
+        self._transcriber = transcriber
+        self._config = turn_config
+        self._language = language
+        self._resampler = resampler
+        self._partials = partials and turn_config.partial_interval_ms > 0
+        self._origin_ms = origin_ms
+        self._on_final = on_final
+        self._clock = clock
+        self._detector = TurnDetector(turn_config, sample_rate=SAMPLE_RATE)
+        self._pending = bytearray()
+        self._ready: collections.deque[tuple[np.ndarray, float]] = collections.deque()
+        self._inflight: collections.deque[float] = collections.deque()
+        # arrival time of each processed chunk, for end-of-speech -> publish latency
+        horizon = int((turn_config.max_turn_s + 10) * SAMPLE_RATE / CHUNK)
+        self._arrivals: collections.deque[float] = collections.deque(maxlen=horizon)
+        self._processed = 0
+        self._seq_of: dict[int, int] = {}
+        self._next_seq = 1
+        self._partials_published: dict[int, int] = {}
+        self._speculations: dict[int, _Speculation] = {}
+        self._final_chain: asyncio.Task[None] | None = None
+        self._partial_tasks: set[asyncio.Task[None]] = set()
+        self._finalised_through = -1  # highest detector turn whose final is decided
+        self.turns_published = 0
+        self.closed = False
+
+    # -- input from the RTP receiver
+    def feed_audio(self, pcm: bytes, now: float) -> None:
+        """Append decoded 16-bit 8 kHz PCM; whole 32 ms chunks become ready for VAD."""
+        pending = self._pending
+        pending += pcm
+        while len(pending) >= CHUNK_BYTES:
+            chunk = np.frombuffer(bytes(pending[:CHUNK_BYTES]), dtype=np.int16)
+            del pending[:CHUNK_BYTES]
+            self._ready.append((chunk, now))
+
+    # -- VadStream protocol
+    def next_chunk(self) -> np.ndarray | None:
+        if not self._ready:
+            return None
+        chunk, arrival = self._ready.popleft()
+        self._inflight.append(arrival)
+        return chunk
+
+    def on_vad(self, chunk: np.ndarray, probability: float) -> None:
+        arrival = self._inflight.popleft() if self._inflight else self._clock()
+        self._arrivals.append(arrival)
+        self._processed += 1
+        for event in self._detector.feed(chunk, probability):
+            self._handle(event)
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self._ready) or bool(self._inflight)
+
+    # -- turn events
+    def _handle(self, event: object) -> None:
+        if isinstance(event, TurnStarted):
+            return
+        if isinstance(event, PartialDue):
+            if self._partials:
+                self._start_partial(event)
+        elif isinstance(event, TurnEnding):
+            self._cancel_speculation(event.turn)
+            task = asyncio.create_task(self._transcribe(event.audio, "final"))
+            self._speculations[event.turn] = _Speculation(event.start_sample, event.end_sample, task)
+        elif isinstance(event, TurnResumed):
+            self._cancel_speculation(event.turn)
+        elif isinstance(event, TurnFinal):
+            self._finalise(event)
+        elif isinstance(event, TurnDiscarded):
+            self._cancel_speculation(event.turn)
+            self._finalised_through = max(self._finalised_through, event.turn)
+
+    def _cancel_speculation(self, turn: int) -> None:
+        spec = self._speculations.pop(turn, None)
+        if spec is not None:
+            spec.task.cancel()
+
+    def _seq(self, turn: int) -> int:
+        seq = self._seq_of.get(turn)
+        if seq is None:
+            seq = self._seq_of[turn] = self._next_seq
+            self._next_seq += 1
+        return seq
+
+    def _speech_end_time(self, end_sample: int) -> float:
+        """Monotonic arrival time of the chunk holding the last speech sample."""
+        pad = self._config.pad_after_ms * SAMPLE_RATE // 1000
+        speech_end = max(0, end_sample - pad - 1)
+        index = speech_end // CHUNK
+        base = self._processed - len(self._arrivals)
+        if base <= index < self._processed:
+            return self._arrivals[index - base]
+        return self._arrivals[-1] if self._arrivals else self._clock()
+
+    def _finalise(self, event: TurnFinal) -> None:
+        spec = self._speculations.pop(event.turn, None)
+        speculative = (
+            spec is not None
+            and spec.start_sample == event.start_sample
+            and spec.end_sample == event.end_sample
+            and not spec.task.cancelled()
+        )
+        if speculative:
+            assert spec is not None
+            task = spec.task
+        else:
+            if spec is not None:
+                spec.task.cancel()
+            task = asyncio.create_task(self._transcribe(event.audio, "final"))
+        self._finalised_through = max(self._finalised_through, event.turn)
+        seq = self._seq(event.turn)
+        speech_end = self._speech_end_time(event.end_sample)
+        previous = self._final_chain
+        self._final_chain = asyncio.create_task(
+            self._publish_final(event, seq, task, previous, speech_end, speculative))
+
+    async def _publish_final(
+        self,
+        event: TurnFinal,
+        seq: int,
+        task: asyncio.Task[TranscriptionResult],
+        previous: asyncio.Task[None] | None,
+        speech_end: float,
+        speculative: bool,
+    ) -> None:
+        result: TranscriptionResult | None
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("ASR failed for %s turn %d", self.key, seq)
+            result = None
+        if previous is not None:
+            try:
+                await previous
+            except Exception:
+                pass
+        if self._on_final is not None:
+            self._on_final(event.reason, result)
+        text = result.text.strip() if result is not None else ""
+        if not text and not self._partials_published.get(event.turn):
+            return  # no words in this turn and nothing said about it yet: publish nothing
+        origin = self._origin_ms()
+        data = {
+            "turn": seq,
+            "start_ms": round(origin + event.start_sample * 1000 / SAMPLE_RATE),
+            "end_ms": round(origin + event.end_sample * 1000 / SAMPLE_RATE),
+            "text": text,
+            "reason": event.reason,
+            "partials": self._partials_published.get(event.turn, 0),
+        }
+        if result is not None:
+            data.update(_result_fields(result))
+            data["asr"]["speculative"] = speculative
+        else:
+            data["error"] = "asr-failed"
+        self._publish(self._events.make(TURN_FINAL, data, leg=self.leg, speech_end_monotonic=speech_end))
+        self.turns_published += 1
+
+    def _start_partial(self, event: PartialDue) -> None:
+        if self._final_chain is not None and not self._final_chain.done():
+            return  # a final is still pending: a partial now would overtake it
+        task = asyncio.create_task(self._publish_partial(event))
+        self._partial_tasks.add(task)
+        task.add_done_callback(self._partial_tasks.discard)
+
+    async def _publish_partial(self, event: PartialDue) -> None:
+        try:
+            result = await self._transcribe(event.audio, "partial")
+        except (Superseded, asyncio.CancelledError):
+            return
+        except Exception:
+            log.exception("partial ASR failed for %s", self.key)
+            return
+        if event.turn <= self._finalised_through or self.closed:
+            return  # its final was decided meanwhile
+        if self._final_chain is not None and not self._final_chain.done():
+            return
+        text = result.text.strip()
+        if not text:
+            return
+        count = self._partials_published.get(event.turn, 0) + 1
+        self._partials_published[event.turn] = count
+        origin = self._origin_ms()
+        data = {
+            "turn": self._seq(event.turn),
+            "start_ms": round(origin + event.start_sample * 1000 / SAMPLE_RATE),
+            "end_ms": round(origin + event.end_sample * 1000 / SAMPLE_RATE),
+            "text": text,
+            "partial": count,
+        }
+        data.update(_result_fields(result))
+        self._publish(self._events.make(TURN_PARTIAL, data, leg=self.leg))
+
+    async def _transcribe(self, audio: np.ndarray, kind: str) -> TranscriptionResult:
+        samples = upsample_8k_to_16k(audio, method=self._resampler)
+        request = TranscriptionRequest(audio=samples, kind=kind, language=self._language,  # type: ignore[arg-type]
+                                       key=self.key)
+        return await self._transcriber.transcribe(request)
+
+    # -- end of the leg
+    def finish_input(self, now: float) -> None:
+        """No more audio will come: pad the trailing partial chunk with silence so
+        the last words reach VAD (the caller then drains the VAD runner)."""
+        if self._pending:
+            self.feed_audio(b"\x00" * (CHUNK_BYTES - len(self._pending)), now)
+
+    async def close(self) -> None:
+        """Finalise open speech and wait until every final of this leg is published."""
+        if self.closed:
+            return
+        self.closed = True
+        for event in self._detector.flush():
+            self._handle(event)
+        for turn in list(self._speculations):
+            self._cancel_speculation(turn)
+        for task in list(self._partial_tasks):
+            task.cancel()
+        if self._final_chain is not None:
+            try:
+                await self._final_chain
+            except Exception:
+                log.exception("final publication failed for %s", self.key)
+
+
+def _result_fields(result: TranscriptionResult) -> dict[str, object]:
+    return {
+        "language": result.language,
+        "confidence": {
+            "avg_logprob": round(result.avg_logprob, 4),
+            "no_speech_prob": round(result.no_speech_prob, 4),
+            "compression_ratio": round(result.compression_ratio, 3),
+            "language_probability": round(result.language_probability, 4),
+        },
+        "asr": {
+            "model": result.model,
+            "audio_ms": round(result.audio_seconds * 1000),
+            "processing_ms": round(result.processing_seconds * 1000, 1),
+        },
+    }
