@@ -1,0 +1,148 @@
+"""Places real SIP calls with PJSIP (pjsua2) and plays a WAV file into each.
+
+Run as its own process (pjsua2 owns threads and global state):
+
+    python tests/e2e/pjsua_caller.py --target 127.0.0.1:5060 --calls 20 --wav a.wav [--wav b.wav ...]
+
+Each call i plays wav[i % len(wav)] (16-bit PCM WAV, 8 or 16 kHz), optionally sends
+DTMF digits after the audio, waits --hold seconds, hangs up, and the script prints
+one JSON line per call: {"index", "call_id" (SIP Call-ID), "wav", "status", "confirmed",
+"disconnect_reason"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import wave
+
+import pjsua2 as pj
+
+
+def wav_seconds(path: str) -> float:
+    with wave.open(path, "rb") as w:
+        return w.getnframes() / w.getframerate()
+
+
+class Call(pj.Call):
+    def __init__(self, account: pj.Account, index: int, wav: str) -> None:
+        super().__init__(account)
+        self.index = index
+        self.wav = wav
+        self.player: pj.AudioMediaPlayer | None = None
+        self.confirmed_at: float | None = None
+        self.disconnected = False
+        self.status = 0
+        self.reason = ""
+        self.sip_call_id = ""
+
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
+        info = self.getInfo()
+        self.sip_call_id = info.callIdString
+        if info.state == pj.PJSIP_INV_STATE_CONFIRMED and self.confirmed_at is None:
+            self.confirmed_at = time.monotonic()
+        if info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self.disconnected = True
+            self.status = info.lastStatusCode
+            self.reason = info.lastReason
+
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
+        info = self.getInfo()
+        for media in info.media:
+            if media.type == pj.PJMEDIA_TYPE_AUDIO and media.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
+                if self.player is None:
+                    self.player = pj.AudioMediaPlayer()
+                    self.player.createPlayer(self.wav, pj.PJMEDIA_FILE_NO_LOOP)
+                    self.player.startTransmit(self.getAudioMedia(media.index))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", required=True, help="host:port of the gateway")
+    parser.add_argument("--user", default="1000")
+    parser.add_argument("--calls", type=int, default=1)
+    parser.add_argument("--wav", action="append", required=True)
+    parser.add_argument("--hold", type=float, default=2.0, help="seconds to stay up after the audio")
+    parser.add_argument("--dtmf", default="", help="digits to send (RFC 4733) after the audio")
+    parser.add_argument("--transport", choices=("udp", "tcp"), default="udp")
+    parser.add_argument("--stagger", type=float, default=0.05, help="seconds between call starts")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    args = parser.parse_args()
+
+    ep = pj.Endpoint()
+    ep.libCreate()
+    cfg = pj.EpConfig()
+    cfg.uaConfig.maxCalls = max(4, args.calls + 2)
+    cfg.uaConfig.threadCnt = 0
+    cfg.uaConfig.mainThreadOnly = True
+    cfg.uaConfig.userAgent = "pjsua2-earshot-test"
+    cfg.logConfig.level = 1
+    cfg.logConfig.consoleLevel = 1
+    cfg.medConfig.noVad = True  # send every packet: the gateway must find the silence itself
+    ep.libInit(cfg)
+    tcfg = pj.TransportConfig()
+    tcfg.port = 0
+    kind = pj.PJSIP_TRANSPORT_TCP if args.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
+    ep.transportCreate(kind, tcfg)
+    ep.libStart()
+    ep.audDevManager().setNullDev()
+    # G.711 only, PCMU first, as a PBX trunk would offer
+    for codec in ep.codecEnum2():
+        cid = codec.codecId
+        prio = 255 if cid.startswith("PCMU/") else 254 if cid.startswith("PCMA/") else 0
+        ep.codecSetPriority(cid, prio)
+
+    account = pj.Account()
+    acfg = pj.AccountConfig()
+    acfg.idUri = "sip:tester@127.0.0.1"
+    account.create(acfg)
+
+    suffix = ";transport=tcp" if args.transport == "tcp" else ""
+    uri = f"sip:{args.user}@{args.target}{suffix}"
+    calls: list[Call] = []
+    durations = [wav_seconds(w) for w in args.wav]
+    deadline = time.monotonic() + args.timeout
+    for i in range(args.calls):
+        call = Call(account, i, args.wav[i % len(args.wav)])
+        call.makeCall(uri, pj.CallOpParam(True))
+        calls.append(call)
+        end = time.monotonic() + args.stagger
+        while time.monotonic() < end:
+            ep.libHandleEvents(10)
+
+    dtmf_sent: set[int] = set()
+    hung_up: set[int] = set()
+    while time.monotonic() < deadline and not all(c.disconnected for c in calls):
+        ep.libHandleEvents(10)
+        now = time.monotonic()
+        for call in calls:
+            if call.disconnected or call.confirmed_at is None or call.index in hung_up:
+                continue
+            audio_end = call.confirmed_at + durations[call.index % len(durations)]
+            if args.dtmf and call.index not in dtmf_sent and now >= audio_end:
+                call.dialDtmf(args.dtmf)
+                dtmf_sent.add(call.index)
+            if now >= audio_end + args.hold:
+                call.hangup(pj.CallOpParam(True))
+                hung_up.add(call.index)
+    end = time.monotonic() + 2
+    while time.monotonic() < end and not all(c.disconnected for c in calls):
+        ep.libHandleEvents(10)
+    for call in calls:
+        print(json.dumps({
+            "index": call.index, "call_id": call.sip_call_id, "wav": call.wav, "status": call.status,
+            "confirmed": call.confirmed_at is not None, "disconnect_reason": call.reason,
+        }), flush=True)
+    ok = all(c.confirmed_at is not None for c in calls)
+    for call in calls:
+        if call.player is not None:
+            call.player = None
+    calls.clear()
+    ep.libDestroy()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
