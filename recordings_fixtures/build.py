@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""Regenerate the Earshot speech fixtures (8 kHz G.711 WAV + manifest.json).
+
+Run from anywhere: ``python recordings_fixtures/build.py``. Needs only the
+stdlib, the ``sox``/``soxi``/``flite`` binaries and the Debian packages
+``asterisk-core-sounds-en-wav`` + ``asterisk-core-sounds-en`` (texts). The
+committed files are this script's output; running it again must reproduce
+them byte for byte (sox runs with -R, flite is deterministic).
+
+Why the turn times are *speech extents* (first/last 10 ms frame above
+-40 dBFS) rather than prompt boundaries: the Asterisk prompts carry 30-460 ms
+of their own near-silence at the edges, and what a turn detector reacts to is
+speech, not file boundaries. Silence is inserted so that the gap between the
+speech of consecutive turns is exactly the gap we chose (1.0-1.5 s), the first
+speech starts at 500 ms and the last ends 1000 ms before the end of the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop  # stdlib until 3.12; the audioop-lts backport from 3.13
+
+HERE = Path(__file__).resolve().parent
+SOUNDS = Path("/usr/share/asterisk/sounds/en")
+TEXTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+RATE = 8000
+FRAME = RATE // 100  # 10 ms, the resolution of all speech-extent times
+SPEECH_DBFS = -40.0  # a 10 ms frame louder than this counts as speech
+LEAD_MS = 500
+TRAIL_MS = 1000
+
+ASTERISK_LICENSE = "CC-BY-SA-3.0 (Allison Smith / Digium, Inc.; asterisk-core-sounds-en 1.6.1)"
+FLITE_LICENSE = "CMU Flite 2.2 synthesized speech (BSD-style CMU/Edinburgh license)"
+SYNTHETIC_LICENSE = "CC0-1.0"
+
+# Single prompts, used whole (nothing trimmed). Chosen because their reference
+# text is plain words and tiny.en transcribes them to exactly that text, so
+# the text is not in doubt (prompts whose Debian text disagrees with the audio,
+# e.g. "invalid" or "vm-mismatch", were left out). One is stored as A-law.
+PROMPTS = [
+    "agent-loginok",
+    "all-circuits-busy-now",
+    "one-moment-please",
+    "queue-thankyou",
+    "check-number-dial-again",
+    "pls-hold-while-try",
+    "cannot-complete-as-dialed",
+    "tt-monkeysintro",
+    "dir-nomatch",
+    "something-terribly-wrong",
+    "vm-nobodyavail",
+    "tt-weasels",
+    "conf-onlyperson",
+    "feature-not-avail-line",
+    "confbridge-lock-no-join",
+    "privacy-prompt",
+    "conf-invalid",
+    "priv-introsaved",
+    "privacy-unident",
+    "auth-incorrect",
+    "followme/status",
+    "ss-noservice",
+    "vm-nobox",
+    "queue-youarenext",
+    "agent-alreadyon",
+    "vm-invalid-password",
+    "vm-newuser",
+    "vm-record-prepend",
+    "queue-periodic-announce",
+    "tt-allbusy",
+]
+ALAW_PROMPTS = {"vm-newuser"}
+
+# Debian's text file has a typo for this one; the reference is what is spoken.
+TEXT_FIXES = {
+    "queue-periodic-announce": ("represenatives", "representatives"),
+}
+
+# Multi-turn "caller" files: (file stem, encoding, prompts, gaps between turns in ms).
+CALLERS = [
+    ("caller_01_voicemail_password", "mu-law",
+     ["vm-rec-name", "vm-newpassword", "vm-reenterpassword", "vm-passchanged"],
+     [1200, 1200, 1200]),
+    ("caller_02_conference", "mu-law",
+     ["conf-getpin", "conf-invalidpin", "confbridge-only-participant",
+      "conf-now-recording", "conf-leaderhasleft"],
+     [1000, 1500, 1000, 1500]),
+    ("caller_03_greetings", "mu-law",
+     ["vm-rec-temp", "vm-tempgreetactive", "vm-tempremoved", "vm-rec-unv"],
+     [1100, 1300, 1400]),
+    ("caller_04_outbound_call", "a-law",
+     ["vm-enter-num-to-call", "privacy-incorrect", "vm-dialout",
+      "number-not-answering", "info-about-last-call"],
+     [1500, 1200, 1000, 1300]),
+    ("caller_05_mixed", "mu-law",
+     ["vm-rec-busy", "demo-nomatch", "vm-sorry", "confbridge-pin-bad", "transfer"],
+     [1300, 1000, 1500, 1100]),
+]
+
+# flite: one long monologue with no pause over 300 ms (forces the 20 s
+# max-turn split) and one multi-turn conversation in a second voice.
+MONOLOGUE = (
+    "Thank you for calling the billing department. My name is Sarah, and I will "
+    "be helping you today. I can see that your account was opened three years ago, "
+    "and that your last payment arrived on time. The balance on your statement "
+    "includes the service fee for the new router, and the installation visit that "
+    "our technician made last week. If you would like, we can spread that amount "
+    "over your coming bills so you do not have to pay everything at once. Is there "
+    "anything else I can help you with today?"
+)
+# Wording matters: flite pauses ~310 ms at some commas and weak fricatives
+# ("next few", "this month."), so the text was tuned until the longest pause
+# was well under the limit; build() re-checks it.
+MONOLOGUE_MAX_PAUSE_MS = 300
+CONVERSATION = [
+    "Hi, I am calling because my internet connection keeps dropping every evening.",
+    "Yes, I already restarted the router twice, and the lights are all green.",
+    "It usually happens around dinner time, when everyone in the house is online.",
+    "Okay, please send a technician. Tuesday morning works best for me.",
+    "Thank you very much for your help. Have a good day.",
+]
+CONVERSATION_GAPS = [1200, 1400, 1000, 1300]
+
+
+@dataclass
+class Clip:
+    """16-bit mono PCM at 8 kHz plus where its speech starts and ends (samples)."""
+
+    pcm: bytes
+    speech_start: int
+    speech_end: int
+
+    @property
+    def samples(self) -> int:
+        return len(self.pcm) // 2
+
+
+def run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def load_texts() -> dict[str, str]:
+    texts: dict[str, str] = {}
+    with gzip.open(TEXTS, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(";") or ":" not in line:
+                continue
+            name, _, text = line.partition(":")
+            texts[name.strip()] = " ".join(text.split())
+    return texts
+
+
+def prompt_text(texts: dict[str, str], name: str) -> str:
+    text = texts[name]
+    if name in TEXT_FIXES:
+        wrong, right = TEXT_FIXES[name]
+        assert wrong in text, name
+        text = text.replace(wrong, right)
+    assert not any(c in text for c in "[]()<>*#0123456789") and "..." not in text, (name, text)
+    return text
+
+
+def read_pcm16(path: Path) -> bytes:
+    with wave.open(str(path)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, RATE), path
+        return w.readframes(w.getnframes())
+
+
+def speech_extent(pcm: bytes) -> tuple[int, int]:
+    """First and last sample (exclusive) of 10 ms frames louder than SPEECH_DBFS."""
+    threshold = 32768 * 10 ** (SPEECH_DBFS / 20)
+    loud = [
+        i for i in range(len(pcm) // (2 * FRAME))
+        if audioop.rms(pcm[2 * FRAME * i:2 * FRAME * (i + 1)], 2) > threshold
+    ]
+    assert loud, "no speech found"
+    return loud[0] * FRAME, (loud[-1] + 1) * FRAME
+
+
+def longest_pause_ms(clip: Clip) -> int:
+    threshold = 32768 * 10 ** (SPEECH_DBFS / 20)
+    longest = run_len = 0
+    for start in range(clip.speech_start, clip.speech_end - FRAME + 1, FRAME):
+        if audioop.rms(clip.pcm[2 * start:2 * (start + FRAME)], 2) > threshold:
+            run_len = 0
+        else:
+            run_len += 1
+            longest = max(longest, run_len)
+    return longest * 1000 * FRAME // RATE
+
+
+def clip_from_pcm(pcm: bytes) -> Clip:
+    start, end = speech_extent(pcm)
+    return Clip(pcm, start, end)
+
+
+def flite_clip(voice: str, text: str, tmp: Path) -> Clip:
+    raw, pcm8k = tmp / f"flite-{voice}.wav", tmp / f"flite-{voice}-8k.wav"
+    run("flite", "-voice", voice, "-t", text, "-o", str(raw))
+    run("sox", "-D", "-R", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", "-e", "signed-integer", str(pcm8k))
+    # Unlike the recorded prompts, synthetic speech may be trimmed: keep 100 ms
+    # around the speech so flite's low-level onset noise (awb) does not eat
+    # into the digital silence between turns.
+    pcm = read_pcm16(pcm8k)
+    start, end = speech_extent(pcm)
+    margin = RATE // 10
+    pcm = pcm[2 * max(0, start - margin):2 * min(len(pcm) // 2, end + margin)]
+    return clip_from_pcm(pcm)
+
+
+def silence(samples: int) -> bytes:
+    return b"\x00\x00" * samples
+
+
+def compose(clips: list[Clip], gaps_ms: list[int]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Lay clips out so speech starts at LEAD_MS, the speech-to-speech gaps are
+    exactly gaps_ms and TRAIL_MS of silence follow the last speech. Returns the
+    PCM and each clip's speech extent (samples) in the result."""
+    assert len(gaps_ms) == len(clips) - 1
+    ms = RATE // 1000
+    pad = LEAD_MS * ms - clips[0].speech_start
+    assert pad >= 0
+    out = bytearray(silence(pad))
+    extents = []
+    for i, clip in enumerate(clips):
+        offset = len(out) // 2
+        out += clip.pcm
+        extents.append((offset + clip.speech_start, offset + clip.speech_end))
+        if i + 1 < len(clips):
+            pad = gaps_ms[i] * ms - (clip.samples - clip.speech_end) - clips[i + 1].speech_start
+        else:
+            pad = TRAIL_MS * ms - (clip.samples - clip.speech_end)
+        assert pad >= 0, "prompt edges longer than the requested gap"
+        out += silence(pad)
+    return bytes(out), extents
+
+
+def write_pcm16(path: Path, pcm: bytes) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm)
+
+
+def encode(src: Path, dst: Path, encoding: str) -> None:
+    # -D: no dither, as a real G.711 encoder (and digital silence stays silent);
+    # -R: repeatable output.
+    sox_enc = {"mu-law": "mu-law", "a-law": "a-law"}[encoding]
+    run("sox", "-D", "-R", str(src), "-r", str(RATE), "-c", "1", "-e", sox_enc, str(dst))
+
+
+def duration_ms(path: Path) -> int:
+    samples = int(run("soxi", "-s", str(path)).strip())
+    assert run("soxi", "-r", str(path)).strip() == str(RATE)
+    return round(samples * 1000 / RATE)
+
+
+def to_ms(sample: int) -> int:
+    return round(sample * 1000 / RATE)
+
+
+def make_turn(text: str, clip: Clip, extent: tuple[int, int]) -> dict:
+    """A manifest turn: its speech extent in the file, and the longest pause
+    inside it, so tests know which silence threshold would split it."""
+    return {"text": text, "start_ms": to_ms(extent[0]), "end_ms": to_ms(extent[1]),
+            "longest_pause_ms": longest_pause_ms(clip)}
+
+
+def entry(file: str, encoding: str, source: str, license: str, kind: str,
+          turns: list[dict], **extra: object) -> dict:
+    return {
+        "file": file,
+        "encoding": encoding,
+        "duration_ms": duration_ms(HERE / file),
+        "source": source,
+        "license": license,
+        "kind": kind,
+        "text": " ".join(t["text"] for t in turns),
+        "turns": turns,
+        **extra,
+    }
+
+
+def build() -> list[dict]:
+    texts = load_texts()
+    manifest: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+
+        for name in PROMPTS:
+            src = SOUNDS / f"{name}.wav"
+            clip = clip_from_pcm(read_pcm16(src))
+            encoding = "a-law" if name in ALAW_PROMPTS else "mu-law"
+            file = f"prompt_{name.replace('/', '-')}.wav"
+            encode(src, HERE / file, encoding)
+            turn = make_turn(prompt_text(texts, name), clip, (clip.speech_start, clip.speech_end))
+            manifest.append(entry(file, encoding, "asterisk-core-sounds-en", ASTERISK_LICENSE,
+                                  "prompt", [turn], prompts=[name]))
+
+        for stem, encoding, names, gaps in CALLERS:
+            clips = [clip_from_pcm(read_pcm16(SOUNDS / f"{n}.wav")) for n in names]
+            pcm, extents = compose(clips, gaps)
+            file = f"{stem}.wav"
+            write_pcm16(tmp / file, pcm)
+            encode(tmp / file, HERE / file, encoding)
+            turns = [make_turn(prompt_text(texts, n), c, ext)
+                     for n, c, ext in zip(names, clips, extents)]
+            manifest.append(entry(file, encoding, "asterisk-core-sounds-en", ASTERISK_LICENSE,
+                                  "caller", turns, prompts=names))
+
+        mono = flite_clip("slt", MONOLOGUE, tmp)
+        pause = longest_pause_ms(mono)
+        assert pause < MONOLOGUE_MAX_PAUSE_MS, f"monologue has a {pause} ms pause"
+        pcm, extents = compose([mono], [])
+        file = "flite_slt_monologue.wav"
+        write_pcm16(tmp / file, pcm)
+        encode(tmp / file, HERE / file, "mu-law")
+        manifest.append(entry(file, "mu-law", "flite:slt", FLITE_LICENSE, "monologue",
+                              [make_turn(MONOLOGUE, mono, extents[0])]))
+
+        clips = [flite_clip("awb", t, tmp) for t in CONVERSATION]
+        pcm, extents = compose(clips, CONVERSATION_GAPS)
+        file = "flite_awb_conversation.wav"
+        write_pcm16(tmp / file, pcm)
+        encode(tmp / file, HERE / file, "mu-law")
+        turns = [make_turn(t, c, ext) for t, c, ext in zip(CONVERSATION, clips, extents)]
+        manifest.append(entry(file, "mu-law", "flite:awb", FLITE_LICENSE, "conversation", turns))
+
+        file = "silence_10s.wav"
+        write_pcm16(tmp / file, silence(10 * RATE))
+        encode(tmp / file, HERE / file, "mu-law")
+        manifest.append(entry(file, "mu-law", "synthetic", SYNTHETIC_LICENSE, "silence", []))
+
+        # Pink noise around -50 dBFS (about -59 dBFS within 300-3400 Hz) plus
+        # a 50 Hz mains hum around -50 dBFS: a quiet line that must produce no
+        # transcript (Whisper likes to hallucinate "Thank you." on such input).
+        noise, hum, mixed = tmp / "noise.wav", tmp / "hum.wav", tmp / "noise_hum.wav"
+        common = ["-r", str(RATE), "-c", "1", "-b", "16", "-e", "signed-integer"]
+        run("sox", "-D", "-R", "-n", *common, str(noise), "synth", "10", "pinknoise", "vol", "0.01")
+        run("sox", "-D", "-R", "-n", *common, str(hum), "synth", "10", "sine", "50", "vol", "0.0045")
+        run("sox", "-D", "-R", "-m", str(noise), str(hum), str(mixed), "vol", "2")
+        file = "noise_pink_hum_10s.wav"
+        encode(mixed, HERE / file, "mu-law")
+        manifest.append(entry(file, "mu-law", "synthetic", SYNTHETIC_LICENSE, "noise", []))
+
+    return manifest
+
+
+def missing_prerequisites() -> list[str]:
+    missing = [tool for tool in ("sox", "soxi", "flite") if shutil.which(tool) is None]
+    if not SOUNDS.is_dir():
+        missing.append(f"{SOUNDS} (Debian package asterisk-core-sounds-en-wav)")
+    if not TEXTS.is_file():
+        missing.append(f"{TEXTS} (Debian package asterisk-core-sounds-en)")
+    return missing
+
+
+def main() -> int:
+    missing = missing_prerequisites()
+    if missing:
+        print("build.py: missing " + ", ".join(missing), file=sys.stderr)
+        return 2
+    for old in HERE.glob("*.wav"):
+        old.unlink()
+    manifest = build()
+    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    total = sum(p.stat().st_size for p in HERE.iterdir() if p.is_file())
+    for e in manifest:
+        print(f"{e['duration_ms']:6d} ms  {e['encoding']:6s}  {e['file']}")
+    print(f"{len(manifest)} files, {total / 1e6:.2f} MB in {HERE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
