@@ -124,6 +124,11 @@ class JitterBuffer:
         """Timeline position just after the last released sample."""
         return self._next_ts
 
+    @property
+    def held(self) -> int:
+        """Packets waiting behind a gap."""
+        return len(self._buffer)
+
     def push(self, packet: RtpPacket, now: float, samples: int | None = None) -> list[Frame]:
         """Accept one packet; return the frames that became playable, in order."""
         self.stats.received += 1

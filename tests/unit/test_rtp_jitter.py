@@ -82,6 +82,17 @@ def test_duplicates_are_counted_and_dropped():
     assert jb.stats.late == 0
 
 
+def test_old_packets_are_told_apart_duplicate_or_late():
+    jb = JitterBuffer()
+    for seq in (0, 1, 2, 4, 5):
+        jb.push(pkt(seq, 160 * seq), 0.0)
+    jb.poll(1.0)  # slot 3 declared lost
+    jb.push(pkt(1, 160), 1.0)  # played four slots ago: a duplicate
+    jb.push(pkt(3, 480), 1.0)  # its slot was filled with silence: late
+    jb.push(pkt(5, 800), 1.0)
+    assert (jb.stats.duplicate, jb.stats.late, jb.stats.lost) == (2, 1, 1)
+
+
 def test_sequence_wraparound_with_reordering():
     jb = JitterBuffer()
     frames = jb.push(pkt(65534, 0), 0.0)
@@ -244,3 +255,31 @@ def test_random_jitter_loss_and_duplicates_keep_an_exact_timeline(seq0, ts0, pla
     dropped = sum(1 for i, (_, _, fate) in enumerate(plan, start=1) if fate == "drop" and i < len(plan))
     assert jb.stats.lost == dropped
     assert jb.stats.duplicate == sum(1 for _, _, fate in plan if fate == "dup")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF), st.sampled_from([0, 80, 160, 240]), st.floats(0, 0.2)),
+        max_size=80,
+    ),
+    st.integers(0, 3),
+)
+def test_arbitrary_sequence_and_timestamps_never_break_the_timeline(packets, neighbour_bias):
+    """Garbage numbering (jumps, resets, repeats) is survived: output stays contiguous and bounded."""
+    jb = JitterBuffer(max_packets=16)
+    frames: list[Frame] = []
+    now = 0.0
+    last_seq = 0
+    for seq, ts, samples, dt in packets:
+        if neighbour_bias and seq % 4 < neighbour_bias:  # make in-window numbering common too
+            seq = (last_seq + seq % 5) & 0xFFFF
+        last_seq = seq
+        now += dt
+        frames += jb.push(pkt(seq, ts), now, samples=samples)
+        frames += jb.poll(now)
+        assert jb.held <= 16
+    frames += jb.flush()
+    assert_contiguous(frames)
+    assert all(f.samples > 0 for f in frames)
+    assert all(f.samples <= jb.max_gap for f in frames if f.payload is None)
