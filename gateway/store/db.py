@@ -32,10 +32,11 @@ def parse_url(url: str | URL) -> URL:
         raise DatabaseUrlError(
             f"unsupported database {parsed.get_backend_name()!r}: use sqlite:///FILE or "
             "postgresql+psycopg://USER:PASSWORD@HOST/DBNAME")
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() not in ("psycopg", ""):
-        raise DatabaseUrlError(f"PostgreSQL driver {parsed.get_driver_name()!r} is not installed: use postgresql+psycopg://")
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "":
-        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
+    if parsed.get_backend_name() == "postgresql":
+        driver = parsed.drivername.partition("+")[2]
+        if driver not in ("psycopg", ""):
+            raise DatabaseUrlError(f"PostgreSQL driver {driver!r} is not installed: use postgresql+psycopg://")
+        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, whatever SQLAlchemy's default
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise DatabaseUrlError("an in-memory SQLite database would vanish with the process: give a file")
     return parsed

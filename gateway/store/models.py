@@ -208,7 +208,11 @@ class Dtmf(Base):
 
 
 class CallEvent(Base):
-    """Every event stored, by its stable event_id: the persister's idempotency key."""
+    """Every event stored, by its stable event_id: the persister's idempotency key.
+
+    turn.partial events are not logged here: they are transient, and replaying
+    one changes nothing (a turn keeps only its newest partial, none after its final).
+    """
 
     __tablename__ = "call_events"
 
@@ -220,6 +224,8 @@ class CallEvent(Base):
     event_time: Mapped[datetime | None]
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     raw: Mapped[dict[str, Any]]
+
+    call: Mapped[Call] = relationship()
 
     __table_args__ = (Index("ix_call_events_call_id", "call_id"),)
 
