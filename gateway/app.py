@@ -28,7 +28,7 @@ from .metrics import Metrics
 from .pipeline import LegPipeline
 from .publisher import Publisher
 from .rtp.receiver import RtpReceiver
-from .rtp.transport import RtpPortAllocator, open_rtp_socket
+from .rtp.transport import NoFreePortError, RtpPortAllocator, open_rtp_socket
 from .sip.events import CallCancelled, CallConfirmed, CallEnded, IncomingCall, MalformedMessage, ReInvite
 from .sip.message import NameAddress, SipRequest
 from .sip.transport import SipEndpoint
@@ -63,6 +63,10 @@ def default_dialplan(settings: Settings) -> Dialplan:
 
 
 def build_transcriber(settings: Settings) -> Transcriber:
+    if settings.asr_model == "none":  # media plane only (capacity benchmarks)
+        from .asr.media_only import MediaOnlyTranscriber
+
+        return MediaOnlyTranscriber()
     from .asr.whisper import WhisperTranscriber  # imports faster-whisper: only when needed
 
     window: str | float = settings.asr_window if settings.asr_window == "auto" else float(settings.asr_window)
@@ -159,6 +163,8 @@ class Gateway:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.vad_runner is not None:
+            self.vad_runner.close()
         await self.publisher.close()
         if self.http is not None:
             await self.http.close()
@@ -227,34 +233,30 @@ class Gateway:
             self._reject(dialog_id, 400, f"Bad Request - Malformed SDP: {exc.reason}", outcome="bad-sdp")
             return
         local_host = self.ua.local_host_for(request)
-        try:
-            port = self.ports.allocate()
-        except RuntimeError:
-            self._reject(dialog_id, 503, "Service Unavailable - No RTP Ports", retry_after, "overload")
-            return
         session_id = random.randrange(1, 2**31)
-        try:
-            negotiated = sdp.negotiate(offer, local_host=local_host, local_port=port, session_id=session_id,
-                                       session_version=1)
+        try:  # codec check before a port is taken
+            sdp.negotiate(offer, local_host=local_host, local_port=9, session_id=session_id, session_version=1)
         except sdp.NoAcceptableCodec as exc:
-            self.ports.release(port)
             self._reject(dialog_id, 488, f"Not Acceptable Here - {exc}", outcome="no-codec")
             return
         except sdp.SdpError as exc:
-            self.ports.release(port)
             self._reject(dialog_id, 488, f"Not Acceptable Here - {exc.reason}", outcome="bad-sdp")
             return
-        call = self._make_call(event, route, negotiated, port, session_id, from_uri, to_uri)
+        holder: list[Call] = []
         try:
-            call.socket = await open_rtp_socket(s.rtp_host, port, call.on_datagram)
-        except OSError as exc:
-            log.error("cannot open RTP port %d: %s", port, exc)
-            self.ports.release(port)
-            self._reject(dialog_id, 503, "Service Unavailable - RTP Port Unavailable", retry_after, "overload")
+            rtp_socket = await open_rtp_socket(s.rtp_host, self.ports,
+                                               lambda data, addr: holder[0].on_datagram(data, addr) if holder else None)
+        except (OSError, NoFreePortError) as exc:
+            log.error("no RTP port for a new call: %s", exc)
+            self._reject(dialog_id, 503, "Service Unavailable - No RTP Port", retry_after, "overload")
             return
+        negotiated = sdp.negotiate(offer, local_host=local_host, local_port=rtp_socket.port, session_id=session_id,
+                                   session_version=1)
+        call = self._make_call(event, route, negotiated, rtp_socket.port, session_id, from_uri, to_uri)
+        call.socket = rtp_socket
+        holder.append(call)
         if self._setting_up.pop(dialog_id, False):  # cancelled while we were setting up
-            call.socket.close()
-            self.ports.release(port)
+            rtp_socket.close()
             return
         self.calls[dialog_id] = call
         now = time.monotonic()
@@ -267,7 +269,7 @@ class Gateway:
         self.publisher.publish(call.events.make(CALL_STARTED, {
             "codec": negotiated.codec,
             "remote_media": f"{negotiated.remote_host}:{negotiated.remote_port}",
-            "local_media_port": port,
+            "local_media_port": rtp_socket.port,
             "transport": event.peer.transport,
             "dialplan_rule": route.rule,
             "language": call.pipeline_language,
@@ -288,6 +290,7 @@ class Gateway:
             codecs={negotiated.payload_type: negotiated.codec},
             dtmf_payload_type=negotiated.dtmf_payload_type,
             jitter_delay=s.rtp_jitter_ms / 1000.0,
+            signalling_host=event.peer.host,
         )
         language = route.language or s.asr_language or None
         assert self.transcriber is not None
@@ -396,7 +399,8 @@ class Gateway:
         except Exception:
             log.exception("error while ending call %s", call.call_id)
         finally:
-            self.ports.release(call.local_port)
+            if call.socket is not None:
+                call.socket.close()  # idempotent; returns the port to the allocator
             self.calls.pop(call.dialog_id, None)
 
     # -- periodic work

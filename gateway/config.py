@@ -54,7 +54,7 @@ class Settings:
     call_stream_ttl_s: int = 86_400
     publish_buffer: int = 1_000_000
     # ASR
-    asr_model: str = "tiny.en"
+    asr_model: str = "tiny.en"  # "none": media plane only, nothing is transcribed (benchmarks)
     asr_device: str = "auto"
     asr_compute_type: str = "default"
     asr_threads: int = 0
@@ -73,6 +73,13 @@ class Settings:
     speculative_ms: int = 200
     max_turn_s: float = 20.0
     partial_interval_ms: int = 1000
+    # SQL store (transcripts for the dashboard) and the persister that fills it
+    database_url: str = "sqlite:///earshot.db"  # or postgresql+psycopg://user:password@host/dbname
+    persist: bool = True  # run the persister inside `earshot run`
+    persister_group: str = "earshot-persister"
+    persister_consumer: str = ""  # empty: <hostname>-<pid>
+    persister_batch: int = 200  # events per read and per transaction
+    persister_claim_idle_s: float = 60.0  # take over entries pending this long in a dead consumer
     # routing and logging
     dialplan: str = ""  # path; empty: dialplans/default.yaml if present, else accept every call
     log_level: str = "info"
@@ -106,6 +113,12 @@ class Settings:
         _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level",
                "must be one of debug, info, warning, error")
         _check(self.asr_workers >= 1, "asr_workers", "must be at least 1")
+        _check(self.database_url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql")
+               and "://" in self.database_url, "database_url",
+               "must be sqlite:///FILE or postgresql+psycopg://USER:PASSWORD@HOST/DBNAME")
+        _check(bool(self.persister_group.strip()), "persister_group", "must not be empty")
+        _check(self.persister_batch >= 1, "persister_batch", "must be at least 1")
+        _check(self.persister_claim_idle_s > 0, "persister_claim_idle_s", "must be positive")
         if self.asr_window != "auto":
             try:
                 ok = 1.0 <= float(self.asr_window) <= 30.0

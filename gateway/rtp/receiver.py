@@ -82,6 +82,7 @@ class RtpReceiver:
         "clock_rate", "latched", "last_packet_at", "_stats", "_jitter", "_dtmf",
         "_expected_host", "_expected_port", "_any_host", "_decoders", "_dtmf_pt",
         "_ssrc", "_previous_ssrc", "_switched_at", "_position", "_stragglers",
+        "_signalling_host", "_latch_grace", "_foreign_since",
     )
 
     def __init__(
@@ -93,8 +94,18 @@ class RtpReceiver:
         dtmf_payload_type: int | None,
         clock_rate: int = 8000,
         jitter_delay: float = 0.06,
+        signalling_host: str | None = None,
+        latch_grace: float = 1.0,
     ) -> None:
+        """``signalling_host``: the SIP peer's address, also accepted for latching (a peer
+        behind NAT advertises a private address in SDP but sends from the same public
+        address as its SIP). If for ``latch_grace`` seconds only sources matching neither
+        have sent valid RTP, the receiver latches to such a source rather than lose the
+        call's audio."""
         self.clock_rate = clock_rate
+        self._signalling_host = _normalize_host(signalling_host) if signalling_host else None
+        self._latch_grace = latch_grace
+        self._foreign_since: float | None = None
         #: Remote (IP, port) media is accepted from, once the first valid packet fixed it.
         self.latched: tuple[str, int] | None = None
         #: ``now`` of the last accepted RTP packet (for media-timeout detection).
@@ -156,6 +167,7 @@ class RtpReceiver:
         self._configure(expected_host, expected_port, codecs, dtmf_payload_type)
         if (self._expected_host, self._expected_port) != old:
             self.latched = None
+            self._foreign_since = None
 
     @property
     def stats(self) -> ReceiverStats:
@@ -198,9 +210,14 @@ class RtpReceiver:
             return []
         if latched is None:
             host = source[0]
-            if not (self._any_host or host == self._expected_host or _normalize_host(host) == self._expected_host):
-                stats.foreign_dropped += 1
-                return []
+            if not (self._any_host or host == self._expected_host or host == self._signalling_host):
+                host = _normalize_host(host)
+                if not (host == self._expected_host or host == self._signalling_host):
+                    if self._foreign_since is None:
+                        self._foreign_since = now
+                    if now - self._foreign_since < self._latch_grace:
+                        stats.foreign_dropped += 1
+                        return []
             self.latched = (source[0], source[1])
         out: list[AudioChunk | DtmfEvent] = []
         if packet.ssrc != self._ssrc:

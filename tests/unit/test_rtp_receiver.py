@@ -232,3 +232,25 @@ def test_fuzz_receiver_never_raises(datagrams):
             assert isinstance(item, (AudioChunk, DtmfEvent))
     receiver.poll(10.0)
     receiver.flush()
+
+
+def test_latches_to_the_signalling_address_when_sdp_names_another():
+    # a NAT'd peer: SDP says 192.0.2.2, RTP comes from the SIP peer's address
+    rx = RtpReceiver(expected_host="192.0.2.2", expected_port=4000, codecs={0: "PCMU"}, dtmf_payload_type=None,
+                     signalling_host="127.0.0.1")
+    out = rx.receive(build_rtp(0, 1, 0, 7, b"\xff" * 160), ("127.0.0.1", 5004), 0.0)
+    assert rx.latched == ("127.0.0.1", 5004) and out
+    assert rx.receive(build_rtp(0, 2, 160, 7, b"\xff" * 160), ("198.51.100.9", 5004), 0.02) == []
+    assert rx.stats.foreign_dropped == 1
+
+
+def test_latches_to_an_unexpected_source_after_the_grace_period():
+    rx = RtpReceiver(expected_host="192.0.2.2", expected_port=4000, codecs={0: "PCMU"}, dtmf_payload_type=None,
+                     signalling_host="192.0.2.3", latch_grace=1.0)
+    src = ("198.51.100.9", 6000)
+    assert rx.receive(build_rtp(0, 1, 0, 7, b"\xff" * 160), src, 0.0) == []
+    assert rx.receive(build_rtp(0, 25, 3840, 7, b"\xff" * 160), src, 0.5) == []
+    assert rx.latched is None
+    assert rx.receive(build_rtp(0, 51, 8000, 7, b"\xff" * 160), src, 1.0)
+    assert rx.latched == src
+    assert rx.stats.foreign_dropped == 2

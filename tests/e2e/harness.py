@@ -1,0 +1,156 @@
+"""Runs `earshot run` as a real process and places calls at it with real SIP clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from gateway.events import parse_fields
+from tests.fixtures_data import read_pcm16
+from tests.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("EARSHOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_udp_tcp_port() -> int:
+    import socket
+
+    while True:
+        port = free_port()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[str]
+    sip_port: int
+    http_port: int
+    prefix: str
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix}:events"
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return "".join(self.output[-200:])
+
+
+def start_gateway(extra_env: dict[str, str] | None = None, ready_timeout: float = 120) -> GatewayProcess:
+    sip_port = free_udp_tcp_port()
+    http_port = free_port()
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    rtp_min = 20000 + (os.getpid() % 200) * 100
+    env = dict(os.environ)
+    env.update({
+        "EARSHOT_SIP_HOST": "127.0.0.1",
+        "EARSHOT_SIP_PORT": str(sip_port),
+        "EARSHOT_HTTP_PORT": str(http_port),
+        "EARSHOT_RTP_HOST": "127.0.0.1",
+        "EARSHOT_RTP_PORT_MIN": str(rtp_min),
+        "EARSHOT_RTP_PORT_MAX": str(rtp_min + 98),
+        "EARSHOT_REDIS_URL": REDIS_URL,
+        "EARSHOT_STREAM_PREFIX": prefix,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra_env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    gw = GatewayProcess(proc, sip_port, http_port, prefix)
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            gw.output.append(line)
+            if "earshot: ready" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + ready_timeout
+    while not ready.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            gw.stop(5)
+            raise RuntimeError(f"gateway did not start:\n{gw.log()}")
+    return gw
+
+
+def pcm_wav(name: str, directory: Path) -> Path:
+    """A 16-bit PCM copy of a G.711 fixture (what PJSIP's WAV player reads)."""
+    pcm, rate = read_pcm16(name)
+    out = directory / (Path(name).stem + ".pcm16.wav")
+    with wave.open(str(out), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return out
+
+
+def place_calls(target: str, wavs: list[Path], calls: int, *, hold: float = 2.0, dtmf: str = "",
+                transport: str = "udp", timeout: float = 180) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "tests/e2e/pjsua_caller.py"), "--target", target, "--calls", str(calls),
+           "--hold", str(hold), "--transport", transport, "--timeout", str(timeout)]
+    for wav in wavs:
+        cmd += ["--wav", str(wav)]
+    if dtmf:
+        cmd += ["--dtmf", dtmf]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if len(results) != calls:
+        raise RuntimeError(f"pjsua caller failed (rc={done.returncode}):\n{done.stdout}\n{done.stderr[-3000:]}")
+    return results
+
+
+def read_events(stream: str) -> list[dict]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return [parse_fields(fields) for _id, fields in client.xrange(stream)]
+    finally:
+        client.close()
+
+
+def wait_for_calls_ended(stream: str, sip_call_ids: set[str], timeout: float) -> list[dict]:
+    """All events of the stream once every given call has published call.ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = read_events(stream)
+        ended = {e["sip_call_id"] for e in events if e["type"] == "call.ended"}
+        if sip_call_ids <= ended or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
+
+
+def by_call(events: list[dict]) -> dict[str, list[dict]]:
+    calls: dict[str, list[dict]] = {}
+    for event in events:
+        calls.setdefault(event["sip_call_id"], []).append(event)
+    return calls
