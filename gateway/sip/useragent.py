@@ -190,15 +190,21 @@ class UserAgent:
         return out
 
     def connection_lost(self, connection: int) -> None:
-        """A TCP connection closed: later messages for it need a new one."""
+        """A TCP connection closed: later messages for it need a new one.
+
+        Responses then go to the source address at the Via sent-by port (RFC
+        3261 18.2.2), where the peer listens, not to its old ephemeral port;
+        our BYE goes to the remote target as always.
+        """
         for dialog in self._dialogs.values():
             if dialog.peer.connection == connection:
                 dialog.peer = replace(dialog.peer, connection=None)
-            if dialog.pending_answer and dialog.pending_answer.peer.connection == connection:
-                dialog.pending_answer.peer = replace(dialog.pending_answer.peer, connection=None)
+            answer = dialog.pending_answer
+            if answer is not None and answer.peer.connection == connection:
+                answer.peer = _response_fallback(answer.request, answer.peer)
         for txn in self._server_txns.values():
             if txn.peer.connection == connection:
-                txn.peer = replace(txn.peer, connection=None)
+                txn.peer = _response_fallback(txn.request, txn.peer)
 
     def stream_error(self, head: bytes, reason: str, peer: Peer) -> None:
         """A TCP stream could not be framed (see :mod:`gateway.sip.framing`):
@@ -258,7 +264,9 @@ class UserAgent:
         dialog.state = "answered"
         cseq, _ = parse_cseq(txn.request.headers.get("cseq") or "")
         offerless = not extract_sdp(txn.request.headers.get("content-type"), txn.request.body)
-        dialog.start_answer(PendingAnswer(cseq, data, txn.peer, self.timers.t1, offerless, reinvite=False), now)
+        dialog.start_answer(
+            PendingAnswer(cseq, data, txn.peer, self.timers.t1, offerless, reinvite=False, request=txn.request), now
+        )
         return True
 
     def reject(
@@ -325,7 +333,9 @@ class UserAgent:
             if dialog.pending_answer is not None:
                 dialog.stop_answer()
             cseq, _ = parse_cseq(txn.request.headers.get("cseq") or "")
-            answer = PendingAnswer(cseq, data, txn.peer, self.timers.t1, dialog.offer_offerless, reinvite=True)
+            answer = PendingAnswer(
+                cseq, data, txn.peer, self.timers.t1, dialog.offer_offerless, reinvite=True, request=txn.request
+            )
             dialog.start_answer(answer, now)
         return True
 
@@ -374,7 +384,7 @@ class UserAgent:
     def _on_request(self, req: SipRequest, peer: Peer, now: float) -> None:
         via = Via.parse(req.headers.get("via") or "")
         if req.method == "ACK":
-            self._on_ack(req, via, now)
+            self._on_ack(req, via, peer, now)
             return
         key = server_key(req, via)
         existing = self._server_txns.get(key)
@@ -436,6 +446,7 @@ class UserAgent:
             self._reply(txn, 481, now)
             return
         txn.dialog_id = dialog.id
+        _adopt_connection(dialog, txn.peer)
         if req.method == "BYE":
             self._on_bye(dialog, txn, now)
             return
@@ -560,7 +571,7 @@ class UserAgent:
             self._reply(txn, 100, now)
         self._events.append(ReInvite(dialog.id, req, offer))
 
-    def _on_ack(self, req: SipRequest, via: Via, now: float) -> None:
+    def _on_ack(self, req: SipRequest, via: Via, peer: Peer, now: float) -> None:
         txn = self._server_txns.get(server_key(req, via))
         if isinstance(txn, InviteServerTransaction) and txn.receive_ack(now):
             return  # ACK to our non-2xx: the transaction absorbs it
@@ -569,6 +580,7 @@ class UserAgent:
         dialog = self._dialogs.get(to_tag or "")
         if dialog is None or dialog.call_id != h.get("call-id"):
             return  # stray ACK: ACKs never get a response
+        _adopt_connection(dialog, peer)
         answer = dialog.pending_answer
         cseq, _ = parse_cseq(h.get("cseq") or "")
         if answer is None or answer.cseq != cseq:
@@ -749,8 +761,9 @@ class UserAgent:
         headers += [
             ("Allow", ", ".join(ALLOWED_METHODS)),
             ("Accept", "application/sdp"),
-            ("Supported", ", ".join(SUPPORTED_OPTIONS)),
         ]
+        if SUPPORTED_OPTIONS:  # an empty Supported header is legal but trips some parsers (pyVoIP)
+            headers.append(("Supported", ", ".join(SUPPORTED_OPTIONS)))
         return headers
 
     def _response(
@@ -811,6 +824,22 @@ def _stamp_via(line: str, peer: Peer) -> str:
     if via.received is None and (via.rport or via.host.lower() != peer.host.lower()):
         top += f";received={peer.host}"
     return ", ".join([top, *values[1:]])
+
+
+def _adopt_connection(dialog: Dialog, peer: Peer) -> None:
+    """After its TCP connection was lost, a dialog's requests use the
+    connection on which the peer's next in-dialog request arrives."""
+    if dialog.peer.connection is None and peer.connection is not None and peer.transport == dialog.peer.transport:
+        dialog.peer = replace(dialog.peer, connection=peer.connection)
+
+
+def _response_fallback(request: SipRequest, peer: Peer) -> Peer:
+    """Where to send responses once the request's connection is gone."""
+    try:
+        port = Via.parse(request.headers.get("via") or "").port or 5060
+    except ValueError:
+        port = 5060
+    return Peer(peer.transport, peer.host, port, None)
 
 
 def _safe_phrase(phrase: str) -> str:
