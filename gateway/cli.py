@@ -1,4 +1,4 @@
-"""The ``earshot`` command line: run, tail, config."""
+"""The ``earshot`` command line: run, tail, config, db, persist, users."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from . import __version__
 from .config import ConfigError, Settings, describe, load_settings
 from .dialplan import DialplanError
+from .store import commands as store_commands
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sub.add_parser("config", help="validate the configuration and print the effective settings")
     cfg.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
 
+    store_commands.add_commands(sub)  # db, persist, users
+
     args = parser.parse_args(argv)
     if args.command == "run":
         settings = _settings(args, sip_port=args.sip_port, http_port=args.http_port)
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         print(json.dumps(describe(settings), indent=2))
         return 0
+    if args.command in store_commands.COMMANDS:
+        return store_commands.run_command(args, _settings(args, database_url=args.database_url))
     parser.error(f"unknown command {args.command}")
     return 2
 
