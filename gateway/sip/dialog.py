@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.sip.events import Peer
-from gateway.sip.message import NameAddress, SipUri
+from gateway.sip.message import NameAddress, SipRequest, SipUri
 from gateway.sip.transaction import (
     Arm,
     ClientTransaction,
-    Send,
     InviteServerTransaction,
+    Send,
     ServerTransaction,
     Timed,
     TimerConfig,
@@ -38,6 +38,7 @@ class PendingAnswer:
     interval: float
     offerless: bool  # the INVITE had no SDP: the ACK carries the answer
     reinvite: bool
+    request: SipRequest  # the INVITE answered, for re-addressing after a lost connection
 
 
 class Dialog(Timed):

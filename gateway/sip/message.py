@@ -802,9 +802,9 @@ def extract_sdp(content_type: str | None, body: bytes) -> bytes | None:
             continue
         part_type = "text/plain"
         for line in re.split(rb"\r?\n", head):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() in (b"content-type", b"c"):
-                part_type = value.decode(ENCODING, ERRORS)
+            field_name, _, field_value = line.partition(b":")
+            if field_name.strip().lower() in (b"content-type", b"c"):
+                part_type = field_value.decode(ENCODING, ERRORS)
         if media_type(part_type) == "application/sdp":
             if content.endswith(b"\r\n"):
                 content = content[:-2]

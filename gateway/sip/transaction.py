@@ -102,7 +102,8 @@ class Timed:
     def _due(self, now: float) -> list[str]:
         return [name for name, at in sorted(self._deadlines.items(), key=lambda kv: kv[1]) if at <= now]
 
-    def on_timer(self, now: float) -> None:  # pragma: no cover - overridden
+    def on_timer(self, now: float) -> bool | None:  # pragma: no cover - overridden
+        """Run due timers; subclasses may return a flag for the owner."""
         raise NotImplementedError
 
 

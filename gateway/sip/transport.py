@@ -146,7 +146,7 @@ class SipEndpoint:
                     transport, _ = await self._loop.create_datagram_endpoint(
                         lambda: _UdpProtocol(self), local_addr=(host, port)
                     )
-                    self._udp = transport  # type: ignore[assignment]
+                    self._udp = transport
                     bound = transport.get_extra_info("sockname")[1]
                 if tcp:
                     self._server = await self._loop.create_server(
@@ -168,7 +168,7 @@ class SipEndpoint:
     def tcp_port(self) -> int:
         if self._server is None or not self._server.sockets:
             return 0
-        return self._server.sockets[0].getsockname()[1]
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
         self._closed = True
@@ -288,7 +288,7 @@ class SipEndpoint:
             _, conn = await asyncio.wait_for(
                 self._loop.create_connection(lambda: _TcpConnection(self), key[0], key[1]), CONNECT_TIMEOUT
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             dropped = self._connecting.pop(key, [])
             logger.warning("SIP TCP: cannot connect to %s:%s (%s); %d message(s) dropped", *key, exc, len(dropped))
             return

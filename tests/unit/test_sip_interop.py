@@ -137,3 +137,130 @@ async def test_sipp_receives_our_bye(transport: str, tmp_path: Path) -> None:
     assert rc == 0, output
     assert [type(e).__name__ for e in events] == ["IncomingCall", "CallConfirmed", "CallEnded"]
     assert isinstance(events[-1], CallEnded) and events[-1].reason == "local-bye"
+
+
+# -- PJSIP: hold and resume (re-INVITEs from a real stack) ---------------------
+
+PJSUA_HOLD_SCRIPT = r'''
+import json, sys, time
+import pjsua2 as pj
+
+target, transport = sys.argv[1], sys.argv[2]
+ep = pj.Endpoint()
+ep.libCreate()
+cfg = pj.EpConfig()
+cfg.uaConfig.threadCnt = 0
+cfg.uaConfig.mainThreadOnly = True
+cfg.logConfig.level = 0
+cfg.logConfig.consoleLevel = 0
+ep.libInit(cfg)
+tcfg = pj.TransportConfig()
+tcfg.port = 0
+ep.transportCreate(pj.PJSIP_TRANSPORT_TCP if transport == "tcp" else pj.PJSIP_TRANSPORT_UDP, tcfg)
+ep.libStart()
+ep.audDevManager().setNullDev()
+stages = []
+
+class Call(pj.Call):
+    def onCallState(self, prm):
+        info = self.getInfo()
+        if info.state == pj.PJSIP_INV_STATE_CONFIRMED:
+            stages.append("confirmed")
+        elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            stages.append("disconnected")
+
+    def onCallMediaState(self, prm):
+        # Our answers are recvonly (we only listen), which PJSIP reports as
+        # REMOTE_HOLD while it keeps sending: that is the "active" state here.
+        names = {pj.PJSUA_CALL_MEDIA_REMOTE_HOLD: "active", pj.PJSUA_CALL_MEDIA_ACTIVE: "active",
+                 pj.PJSUA_CALL_MEDIA_LOCAL_HOLD: "held"}
+        info = self.getInfo()  # keep it alive: .media points into it
+        for media in info.media:
+            if media.type == pj.PJMEDIA_TYPE_AUDIO:
+                stages.append(names.get(media.status, str(media.status)))
+
+account = pj.Account()
+acfg = pj.AccountConfig()
+acfg.idUri = "sip:pjsua@127.0.0.1"
+account.create(acfg)
+call = Call(account)
+suffix = ";transport=tcp" if transport == "tcp" else ""
+call.makeCall(f"sip:earshot@{target}{suffix}", pj.CallOpParam(True))
+deadline = time.monotonic() + 15
+step = 0
+while time.monotonic() < deadline and "disconnected" not in stages:
+    ep.libHandleEvents(10)
+    if step == 0 and "active" in stages:
+        call.setHold(pj.CallOpParam(True)); step = 1
+    elif step == 1 and "held" in stages:
+        prm = pj.CallOpParam(True)
+        prm.opt.flag = pj.PJSUA_CALL_UNHOLD
+        call.reinvite(prm); step = 2
+    elif step == 2 and stages.count("active") >= 2:
+        call.hangup(pj.CallOpParam(True)); step = 3
+print(json.dumps(stages), flush=True)
+del call
+ep.libDestroy()
+'''
+
+
+def _has_pjsua2() -> bool:
+    try:
+        import pjsua2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_pjsua2(), reason="pjsua2 not installed")
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_pjsua2_hold_and_resume(transport: str, tmp_path: Path) -> None:
+    import json
+    import sys
+
+    from gateway import sdp
+    from gateway.sip.events import ReInvite
+
+    ua = UserAgent(local_host="127.0.0.1", local_port=0)
+    events: list[Event] = []
+    holds: list[bool] = []
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        now = asyncio.get_running_loop().time()
+        if isinstance(event, (IncomingCall, ReInvite)):
+            negotiated = sdp.negotiate(
+                sdp.SessionDescription.parse(event.offer), local_host="127.0.0.1", local_port=40000,
+                session_id=7, session_version=len(events),
+            )
+            holds.append(negotiated.on_hold)
+            if isinstance(event, IncomingCall):
+                ua.answer(event.dialog_id, negotiated.answer.to_bytes(), now)
+            else:
+                ua.accept_reinvite(event.dialog_id, negotiated.answer.to_bytes(), now)
+        endpoint.flush()
+
+    endpoint = SipEndpoint(ua, on_event)
+    await endpoint.start("127.0.0.1", 0)
+    ua.local_port = endpoint.udp_port
+    script = tmp_path / "pjsua_hold.py"
+    script.write_text(PJSUA_HOLD_SCRIPT)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), f"127.0.0.1:{endpoint.udp_port}", transport,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 40)
+        for _ in range(100):
+            if any(isinstance(e, CallEnded) for e in events):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await endpoint.close()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    stages = json.loads(out.decode().strip().splitlines()[-1])
+    assert stages == ["active", "confirmed", "held", "active", "disconnected"], stages
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["IncomingCall", "CallConfirmed", "ReInvite", "ReInvite", "CallEnded"], kinds
+    assert holds == [False, True, False]
+    assert isinstance(events[-1], CallEnded) and events[-1].reason == "bye"

@@ -7,12 +7,12 @@ responses) and that no exception escapes ``receive()``.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gateway.sip.events import IncomingCall, MalformedMessage, Peer
-import re
-
-from gateway.sip.message import Headers, NameAddress, SipRequest, SipResponse, Via, parse_message, split_list
+from gateway.sip.message import Headers, NameAddress, SipRequest, SipResponse, Via, split_list
 from gateway.sip.useragent import UserAgent
 
 PEER = Peer("udp", "192.0.2.77", 5070)
