@@ -534,6 +534,7 @@ class Persister:
         claim_interval_s: float = 30.0,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 10.0,
+        forget_consumers_after_s: float = 3600.0,
     ) -> None:
         if engine is None and database_url is None:
             raise ValueError("give a database_url or an engine")
@@ -550,6 +551,7 @@ class Persister:
         self.claim_interval_s = claim_interval_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.forget_consumers_after_s = forget_consumers_after_s
         self._engine = engine
         self._owns_engine = engine is None
         self._store: EventStore | None = None
@@ -747,7 +749,23 @@ class Persister:
                 log.info("persister: claimed %d entries pending in other consumers", len(claimed))
                 await self._handle(claimed)
             if start in (b"0-0", "0-0"):
-                return
+                break
+        await self._forget_idle_consumers()
+
+    async def _forget_idle_consumers(self) -> None:
+        """Remove consumers with nothing pending that have been silent for long.
+
+        Every run of the persister is a new consumer (hostname-pid); without this
+        the group would list every process that ever ran. A live consumer reads
+        every block_ms, so it is never this idle (and would come back by reading).
+        """
+        assert self._redis is not None
+        for consumer in await self._redis.xinfo_consumers(self.stream, self.group):
+            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
+            if (name != self.consumer and consumer["pending"] == 0
+                    and consumer["idle"] > self.forget_consumers_after_s * 1000):
+                await self._redis.xgroup_delconsumer(self.stream, self.group, name)
+                log.info("persister: removed idle consumer %s from group %s", name, self.group)
 
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> None:
         """Store a batch, then acknowledge it; the database is retried until it takes it."""

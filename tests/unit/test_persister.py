@@ -10,7 +10,7 @@ import redis
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
-from gateway.events import CALL_STARTED, TURN_FINAL, TURN_PARTIAL, EventFactory
+from gateway.events import TURN_FINAL, TURN_PARTIAL, EventFactory
 from gateway.persister import Persister, PoisonEvent, parse_entry, store_events, uri_user
 from gateway.publisher import Publisher
 from gateway.store.models import Call, CallEvent, Dtmf, Leg, Turn
@@ -132,11 +132,13 @@ async def test_a_recorded_stream_is_stored_exactly_once_despite_replays(store_ur
     assert len(raw.xreadgroup("earshot-persister", "dead", {stream: ">"}, count=20)[0][1]) == 20
     assert raw.xpending(stream, "earshot-persister")["pending"] == 30
     await asyncio.sleep(0.2)
-    third = make_persister(store_url, stream, consumer="p3", claim_min_idle_ms=100)
+    third = make_persister(store_url, stream, consumer="p3", claim_min_idle_ms=100, forget_consumers_after_s=0.1)
     await third.start()
     await drained(stream)
     await third.close()
     assert raw.xpending(stream, "earshot-persister")["pending"] == 0
+    # consumers of earlier runs, with nothing pending any more, were removed
+    assert [c["name"] for c in raw.xinfo_consumers(stream, "earshot-persister")] == [b"p3"]
     raw.close()
     assert third.acked == 30 and third.stored == 0
     assert only(snapshot(session), ids) == first
