@@ -12,6 +12,7 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,15 @@ from .pipeline import LegPipeline
 from .publisher import Publisher
 from .rtp.receiver import RtpReceiver
 from .rtp.transport import NoFreePortError, RtpPortAllocator, open_rtp_socket
-from .sip.events import CallCancelled, CallConfirmed, CallEnded, IncomingCall, MalformedMessage, ReInvite
+from .sip.events import (
+    CallCancelled,
+    CallConfirmed,
+    CallEnded,
+    IncomingCall,
+    MalformedMessage,
+    ReInvite,
+    ReInviteAck,
+)
 from .sip.message import NameAddress, SipRequest
 from .sip.transport import SipEndpoint
 from .sip.useragent import UserAgent
@@ -81,6 +90,27 @@ def build_transcriber(settings: Settings) -> Transcriber:
     )
 
 
+@dataclass(frozen=True)
+class _Media:
+    """What the receiver needs to know about the negotiated audio stream."""
+
+    remote_host: str
+    remote_port: int | None
+    codecs: dict[int, str]
+    dtmf_payload_type: int | None
+    codec: str
+    on_hold: bool
+
+    @classmethod
+    def from_negotiated(cls, n: sdp.Negotiated) -> "_Media":
+        return cls(n.remote_host, n.remote_port, {n.payload_type: n.codec}, n.dtmf_payload_type, n.codec, n.on_hold)
+
+    @classmethod
+    def provisional(cls) -> "_Media":
+        """Before the answer of a delayed-offer call: both G.711 laws, any source."""
+        return cls("0.0.0.0", None, {0: "PCMU", 8: "PCMA"}, 101, "PCMU", False)
+
+
 class Gateway:
     def __init__(
         self,
@@ -115,6 +145,7 @@ class Gateway:
         self.vad: SileroVad | None = None
         self.vad_runner: BatchedVadRunner | None = None
         self.http: HttpServer | None = None
+        self.persister: Any = None
         self._ended_rtp: dict[str, int] = {}
         self._closed = asyncio.Event()
 
@@ -129,6 +160,8 @@ class Gateway:
         self.vad_runner.on_tick = self._on_vad_tick
         self._spawn(self.vad_runner.run())
         await self.publisher.start()
+        if s.persist:
+            await self._start_persister()
         await self.sip.start(s.sip_host, s.sip_port, udp=s.sip_udp, tcp=s.sip_tcp)
         if s.sip_port == 0:  # tests: learn the real port for Contact headers
             self.ua.local_port = self.sip.udp_port if s.sip_udp else self.sip.tcp_port
@@ -138,6 +171,18 @@ class Gateway:
         log.info("Earshot listening: SIP %s:%d (%s), HTTP http://%s:%d, Redis %s",
                  s.sip_host, self.sip_port, "/".join(t for t, on in (("udp", s.sip_udp), ("tcp", s.sip_tcp)) if on),
                  s.http_host, self.http.port, s.redis_url)
+
+    async def _start_persister(self) -> None:
+        from .persister import Persister  # SQLAlchemy: only when the store is used
+        from .store import migrate
+
+        if self.settings.database_migrate:
+            try:
+                await asyncio.to_thread(migrate.upgrade, self.settings.database_url)
+            except Exception as exc:  # the persister retries until the schema exists
+                log.error("could not migrate the database (%s); transcripts wait in Redis until it can", exc)
+        self.persister = Persister.from_settings(self.settings)
+        await self.persister.start()
 
     @property
     def sip_port(self) -> int:
@@ -166,6 +211,8 @@ class Gateway:
         if self.vad_runner is not None:
             self.vad_runner.close()
         await self.publisher.close()
+        if self.persister is not None:
+            await self.persister.close()
         if self.http is not None:
             await self.http.close()
         if self.transcriber is not None:
@@ -178,9 +225,11 @@ class Gateway:
             self._setting_up[event.dialog_id] = False
             self._spawn(self._incoming(event))
         elif isinstance(event, CallConfirmed):
+            self._on_confirmed(event)
+        elif isinstance(event, ReInviteAck):
             call = self.calls.get(event.dialog_id)
-            if call is not None:
-                call.confirmed = True
+            if call is not None and call.pending_offer is not None:
+                self._take_answer(call, event.answer)
         elif isinstance(event, CallCancelled):
             if event.dialog_id in self._setting_up:
                 self._setting_up[event.dialog_id] = True
@@ -224,36 +273,43 @@ class Gateway:
         if route.action == "reject":
             self._reject(dialog_id, route.status, route.reason, outcome="dialplan")
             return
-        if not event.offer.strip():
-            self._reject(dialog_id, 488, "Not Acceptable Here - Offer Required In INVITE", outcome="bad-sdp")
-            return
-        try:
-            offer = sdp.SessionDescription.parse(event.offer)
-        except sdp.SdpError as exc:
-            self._reject(dialog_id, 400, f"Bad Request - Malformed SDP: {exc.reason}", outcome="bad-sdp")
-            return
         local_host = self.ua.local_host_for(request)
         session_id = random.randrange(1, 2**31)
-        try:  # codec check before a port is taken
-            sdp.negotiate(offer, local_host=local_host, local_port=9, session_id=session_id, session_version=1)
-        except sdp.NoAcceptableCodec as exc:
-            self._reject(dialog_id, 488, f"Not Acceptable Here - {exc}", outcome="no-codec")
-            return
-        except sdp.SdpError as exc:
-            self._reject(dialog_id, 488, f"Not Acceptable Here - {exc.reason}", outcome="bad-sdp")
-            return
+        offer: sdp.SessionDescription | None = None
+        if event.offer.strip():
+            try:
+                offer = sdp.SessionDescription.parse(event.offer)
+                # codec check before a port is taken
+                sdp.negotiate(offer, local_host=local_host, local_port=9, session_id=session_id, session_version=1)
+            except sdp.NoAcceptableCodec as exc:
+                self._reject(dialog_id, 488, f"Not Acceptable Here - {exc.reason}", outcome="no-codec")
+                return
+            except sdp.SdpError as exc:
+                self._reject(dialog_id, 400, f"Bad Request - Malformed SDP: {exc.reason}", outcome="bad-sdp")
+                return
         holder: list[Call] = []
         try:
-            rtp_socket = await open_rtp_socket(s.rtp_host, self.ports,
-                                               lambda data, addr: holder[0].on_datagram(data, addr) if holder else None)
+            rtp_socket = await open_rtp_socket(
+                s.rtp_host, self.ports, lambda data, addr: holder[0].on_datagram(data, addr) if holder else None)
         except (OSError, NoFreePortError) as exc:
             log.error("no RTP port for a new call: %s", exc)
             self._reject(dialog_id, 503, "Service Unavailable - No RTP Port", retry_after, "overload")
             return
-        negotiated = sdp.negotiate(offer, local_host=local_host, local_port=rtp_socket.port, session_id=session_id,
-                                   session_version=1)
-        call = self._make_call(event, route, negotiated, rtp_socket.port, session_id, from_uri, to_uri)
+        if offer is not None:
+            negotiated = sdp.negotiate(offer, local_host=local_host, local_port=rtp_socket.port,
+                                       session_id=session_id, session_version=1)
+            media = _Media.from_negotiated(negotiated)
+            body = negotiated.answer.to_bytes()
+            our_offer = None
+        else:
+            # delayed offer (e.g. Cisco CUCM): we offer in the 200, the answer comes in the ACK
+            our_offer = sdp.build_offer(local_host=local_host, local_port=rtp_socket.port, session_id=session_id,
+                                        session_version=1)
+            media = _Media.provisional()
+            body = our_offer.to_bytes()
+        call = self._make_call(event, route, media, rtp_socket.port, session_id, from_uri, to_uri)
         call.socket = rtp_socket
+        call.pending_offer = our_offer
         holder.append(call)
         if self._setting_up.pop(dialog_id, False):  # cancelled while we were setting up
             rtp_socket.close()
@@ -261,22 +317,26 @@ class Gateway:
         self.calls[dialog_id] = call
         now = time.monotonic()
         call.answered_at = now
-        self.ua.answer(dialog_id, negotiated.answer.to_bytes(), now)
+        if not self.ua.answer(dialog_id, body, now):  # lost a race with CANCEL
+            self.sip.flush()
+            self.calls.pop(dialog_id, None)
+            rtp_socket.close()
+            return
         self.sip.flush()
         assert self.vad_runner is not None
         self.vad_runner.register(call.pipeline)
         self.metrics.calls.labels("answered").inc()
         self.publisher.publish(call.events.make(CALL_STARTED, {
-            "codec": negotiated.codec,
-            "remote_media": f"{negotiated.remote_host}:{negotiated.remote_port}",
+            "codec": media.codec,
+            "remote_media": f"{media.remote_host}:{media.remote_port}" if offer is not None else None,
             "local_media_port": rtp_socket.port,
             "transport": event.peer.transport,
             "dialplan_rule": route.rule,
-            "language": call.pipeline_language,
+            "language": call.language,
             "legs": [route.leg],
         }))
 
-    def _make_call(self, event: IncomingCall, route: Route, negotiated: sdp.Negotiated, port: int,
+    def _make_call(self, event: IncomingCall, route: Route, media: "_Media", port: int,
                    session_id: int, from_uri: str, to_uri: str) -> Call:
         s = self.settings
         call_id = str(uuid.uuid4())
@@ -285,16 +345,16 @@ class Gateway:
                         started_at=time.time(), tags=route.tags)
         events = EventFactory(info)
         receiver = RtpReceiver(
-            expected_host=negotiated.remote_host,
-            expected_port=negotiated.remote_port,
-            codecs={negotiated.payload_type: negotiated.codec},
-            dtmf_payload_type=negotiated.dtmf_payload_type,
+            expected_host=media.remote_host,
+            expected_port=media.remote_port,
+            codecs=media.codecs,
+            dtmf_payload_type=media.dtmf_payload_type,
             jitter_delay=s.rtp_jitter_ms / 1000.0,
             signalling_host=event.peer.host,
         )
         language = route.language or s.asr_language or None
         assert self.transcriber is not None
-        holder: dict[str, Call] = {}
+        holder: list[Call] = []
         pipeline = LegPipeline(
             key=f"{call_id}/{route.leg}",
             leg=route.leg,
@@ -305,7 +365,7 @@ class Gateway:
             language=language,
             resampler=s.resampler,
             partials=s.asr_partials,
-            origin_ms=lambda: holder["call"].origin_ms(),
+            origin_ms=lambda: holder[0].origin_ms(),
             on_final=self._on_final,
         )
         call = Call(
@@ -317,14 +377,40 @@ class Gateway:
             publish=self.publisher.publish,
             answered_at=time.monotonic(),
             local_port=port,
-            codec=negotiated.codec,
-            on_hold=negotiated.on_hold,
+            codec=media.codec,
+            session_id=session_id,
+            language=language,
+            on_hold=media.on_hold,
             clock=time.monotonic,
         )
-        call.session_id = session_id  # type: ignore[attr-defined]
-        call.pipeline_language = language  # type: ignore[attr-defined]
-        holder["call"] = call
+        holder.append(call)
         return call
+
+    def _on_confirmed(self, event: CallConfirmed) -> None:
+        call = self.calls.get(event.dialog_id)
+        if call is None:
+            return
+        call.confirmed = True
+        if call.pending_offer is not None:
+            self._take_answer(call, event.answer)
+
+    def _take_answer(self, call: Call, answer: bytes) -> None:
+        """The peer's SDP answer to our offer (delayed-offer INVITE or offerless re-INVITE)."""
+        offer, call.pending_offer = call.pending_offer, None
+        assert offer is not None
+        try:
+            negotiated = sdp.read_answer(offer, sdp.SessionDescription.parse(answer))
+        except sdp.SdpError as exc:
+            log.warning("call %s: unusable SDP answer (%s); hanging up", call.call_id, exc.reason)
+            self.end_call(call, "bad-sdp-answer", hangup=True)
+            return
+        self._apply_media(call, _Media.from_negotiated(negotiated))
+
+    def _apply_media(self, call: Call, media: "_Media") -> None:
+        call.receiver.update(expected_host=media.remote_host, expected_port=media.remote_port,
+                             codecs=media.codecs, dtmf_payload_type=media.dtmf_payload_type)
+        call.codec = media.codec
+        call.on_hold = media.on_hold
 
     def _reinvite(self, event: ReInvite) -> None:
         call = self.calls.get(event.dialog_id)
@@ -333,26 +419,25 @@ class Gateway:
             self.ua.reject_reinvite(event.dialog_id, 481, now)
             self.sip.flush()
             return
+        local_host = self.ua.local_host_for(event.request)
+        if not event.offer.strip():  # offerless re-INVITE: offer in our 200, answer in the ACK
+            call.sdp_version += 1
+            call.pending_offer = sdp.build_offer(local_host=local_host, local_port=call.local_port,
+                                                 session_id=call.session_id, session_version=call.sdp_version)
+            self.ua.accept_reinvite(event.dialog_id, call.pending_offer.to_bytes(), now)
+            self.sip.flush()
+            return
         try:
             offer = sdp.SessionDescription.parse(event.offer)
-            call.sdp_version += 1
-            negotiated = sdp.negotiate(offer, local_host=self.ua.local_host_for(event.request),
-                                       local_port=call.local_port,
-                                       session_id=call.session_id,  # type: ignore[attr-defined]
-                                       session_version=call.sdp_version)
-        except (sdp.SdpError, sdp.NoAcceptableCodec) as exc:
-            log.info("re-INVITE on %s refused: %s", call.call_id, exc)
+            negotiated = sdp.negotiate(offer, local_host=local_host, local_port=call.local_port,
+                                       session_id=call.session_id, session_version=call.sdp_version + 1)
+        except sdp.SdpError as exc:
+            log.info("re-INVITE on %s refused: %s", call.call_id, exc.reason)
             self.ua.reject_reinvite(event.dialog_id, 488, now)
             self.sip.flush()
             return
-        call.receiver.update(
-            expected_host=negotiated.remote_host,
-            expected_port=negotiated.remote_port,
-            codecs={negotiated.payload_type: negotiated.codec},
-            dtmf_payload_type=negotiated.dtmf_payload_type,
-        )
-        call.codec = negotiated.codec
-        call.on_hold = negotiated.on_hold
+        call.sdp_version += 1
+        self._apply_media(call, _Media.from_negotiated(negotiated))
         self.ua.accept_reinvite(event.dialog_id, negotiated.answer.to_bytes(), now)
         self.sip.flush()
 
@@ -457,6 +542,7 @@ class Gateway:
             "sip_malformed": self.sip.malformed,
             "published_events": self.publisher.published,
             "dropped_partials": self.publisher.dropped_partials,
+            **(self.persister.snapshot() if self.persister is not None else {}),
         }
 
     async def _health(self) -> dict[str, Any]:

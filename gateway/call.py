@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .events import DTMF, Event, EventFactory
+from .sdp import SessionDescription
 from .pipeline import LegPipeline
 from .rtp.dtmf import DtmfEvent
 from .rtp.receiver import AudioChunk, RtpReceiver
@@ -30,7 +31,10 @@ class Call:
     answered_at: float  # monotonic
     local_port: int
     codec: str
+    session_id: int
+    language: str | None
     socket: RtpSocket | None = None
+    pending_offer: SessionDescription | None = None  # our SDP offer awaiting the peer's answer
     on_hold: bool = False
     confirmed: bool = False
     ending: bool = False

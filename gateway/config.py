@@ -76,10 +76,19 @@ class Settings:
     # SQL store (transcripts for the dashboard) and the persister that fills it
     database_url: str = "sqlite:///earshot.db"  # or postgresql+psycopg://user:password@host/dbname
     persist: bool = True  # run the persister inside `earshot run`
+    database_migrate: bool = True  # `earshot run` upgrades the schema at start (as `earshot db upgrade`)
     persister_group: str = "earshot-persister"
     persister_consumer: str = ""  # empty: <hostname>-<pid>
     persister_batch: int = 200  # events per read and per transaction
     persister_claim_idle_s: float = 60.0  # take over entries pending this long in a dead consumer
+    # dashboard and JSON API, served by the HTTP server at /
+    web_enabled: bool = True
+    web_secret_key: str = ""  # signs session cookies; empty: generated once and kept in web_secret_file
+    web_secret_file: str = ""  # empty: next to the SQLite database (<db>.web-secret), else ./earshot-web.secret
+    web_session_ttl_s: int = 43_200  # a login lasts 12 hours
+    web_cookie_secure: bool = False  # true when the dashboard is served over HTTPS (behind a TLS proxy)
+    web_live_window_s: float = 14_400.0  # on start, rebuild the live board from this much of the event stream
+    web_sse_queue: int = 256  # events buffered per SSE connection; a client further behind is disconnected
     # routing and logging
     dialplan: str = ""  # path; empty: dialplans/default.yaml if present, else accept every call
     log_level: str = "info"
@@ -119,6 +128,11 @@ class Settings:
         _check(bool(self.persister_group.strip()), "persister_group", "must not be empty")
         _check(self.persister_batch >= 1, "persister_batch", "must be at least 1")
         _check(self.persister_claim_idle_s > 0, "persister_claim_idle_s", "must be positive")
+        _check(self.web_session_ttl_s >= 60, "web_session_ttl_s", "must be at least 60 seconds")
+        _check(not self.web_secret_key or len(self.web_secret_key) >= 16, "web_secret_key",
+               "must have at least 16 characters (or be empty to use a generated one)")
+        _check(self.web_live_window_s > 0, "web_live_window_s", "must be positive")
+        _check(self.web_sse_queue >= 8, "web_sse_queue", "must be at least 8")
         if self.asr_window != "auto":
             try:
                 ok = 1.0 <= float(self.asr_window) <= 30.0

@@ -26,6 +26,9 @@ class _SnapshotCollector(Collector):
         yield GaugeMetricFamily("earshot_publish_backlog", "Events waiting to reach Redis",
                                 value=s.get("publish_backlog", 0))
         yield GaugeMetricFamily("earshot_draining", "1 while shutting down", value=s.get("draining", 0))
+        if "persister_db_up" in s:
+            yield GaugeMetricFamily("earshot_persister_db_up", "1 while the SQL store is reachable",
+                                    value=s["persister_db_up"])
         for name, help_text in (
             ("rtp_packets", "RTP packets accepted"),
             ("rtp_lost_packets", "RTP packets declared lost (concealed with silence)"),
@@ -39,6 +42,10 @@ class _SnapshotCollector(Collector):
             ("sip_malformed", "Malformed SIP messages"),
             ("published_events", "Events written to Redis"),
             ("dropped_partials", "Partial transcripts dropped because the publish buffer was full"),
+            ("persister_stored", "Events written to the SQL store"),
+            ("persister_duplicates", "Replayed events the SQL store already had"),
+            ("persister_poison", "Unreadable events skipped by the persister"),
+            ("persister_db_failures", "Failed SQL transactions (retried)"),
         ):
             yield CounterMetricFamily(f"earshot_{name}", help_text, value=s.get(name, 0))
 
