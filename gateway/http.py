@@ -1,7 +1,9 @@
-"""The gateway's small HTTP server: /healthz and Prometheus /metrics.
+"""The gateway's HTTP server: /healthz, Prometheus /metrics, and the dashboard at /.
 
 Runs uvicorn inside the gateway's own event loop (no second process), so health
-reflects the very loop that carries the calls.
+reflects the very loop that carries the calls. The dashboard and its JSON API
+(:mod:`gateway.web`) are mounted at the root when given; /healthz and /metrics
+stay outside it (no login, no session).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
 from .metrics import Metrics
 
@@ -23,7 +26,9 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def build_app(metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]]) -> Starlette:
+def build_app(metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]],
+              web: ASGIApp | None = None) -> Starlette:
+    """/healthz and /metrics, and ``web`` (``Dashboard.asgi``) for every other path."""
     async def healthz(request: Request) -> JSONResponse:
         state = await health()
         return JSONResponse(state, status_code=200 if state.get("status") == "ok" else 503)
@@ -31,7 +36,10 @@ def build_app(metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]])
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", metrics_endpoint)])
+    routes: list[Route | Mount] = [Route("/healthz", healthz), Route("/metrics", metrics_endpoint)]
+    if web is not None:
+        routes.append(Mount("/", app=web))
+    return Starlette(routes=routes)
 
 
 class HttpServer:
