@@ -1,0 +1,514 @@
+"""In-process Whisper (faster-whisper / CTranslate2) behind the Transcriber interface.
+
+Three things matter for a live call and are handled here rather than by
+``WhisperModel.transcribe()``:
+
+- Latency. Whisper's encoder is trained on 30 s windows and faster-whisper
+  pads every input to 30 s (``chunk_length`` does not change that: segments
+  are padded to 3000 mel frames regardless). A 2 s turn then costs the same
+  encoder time as a 30 s one. CTranslate2 accepts shorter mel inputs, so we
+  compute the features ourselves and pad them only to the audio length plus
+  a margin, rounded up to a bucket (see docs/asr.md for the measured effect
+  on WER and latency). Without the margin the decoder loops on the last words.
+- Scheduling. A single model serves every call: finals run before partials,
+  and a queued partial is dropped once a newer request for the same stream
+  arrives, because only the newest partial is worth showing.
+- Hallucinations. Whisper transcribes silence and hum as "Thank you." or
+  "you"; a transcript of nothing is worse than no transcript, so an energy
+  gate runs before the model and Whisper's own confidence signals after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.asr.interface import (
+    SAMPLE_RATE,
+    Superseded,
+    TranscriberClosed,
+    TranscriptionRequest,
+    TranscriptionResult,
+)
+from gateway.asr.models import resolve_model
+from gateway.asr.wer import normalize
+
+__all__ = ["WhisperTranscriber", "WindowPolicy", "GuardThresholds", "speech_band_level_db"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_WINDOW_S = 30.0  # Whisper's positional embeddings cover 1500 positions = 30 s
+_FRAMES_PER_S = 100  # mel hop of 10 ms
+_FULL_FRAMES = int(_MAX_WINDOW_S * _FRAMES_PER_S)
+_MAX_TOKENS = 448  # Whisper's decoder context
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    """How many seconds of (padded) audio the encoder sees.
+
+    Bucketed (``fixed`` None): chunk length plus ``margin``, rounded up to a
+    multiple of ``bucket``, at most 30 s. The margin matters: with less than
+    a few seconds of padding after the speech the decoder tends to repeat the
+    utterance instead of ending it. Buckets keep the set of input shapes
+    small (on GPU each new shape may allocate).
+    ``fixed``: always that many seconds (30 = faster-whisper's behaviour).
+    ``finals_full``: finals use the 30 s window, partials the bucketed one:
+    the measured accuracy cost of short windows is paid only by partials,
+    which are superseded anyway and run far more often (docs/asr.md).
+    """
+
+    fixed: float | None = None
+    margin: float = 5.0
+    bucket: float = 5.0
+    finals_full: bool = False
+
+    @classmethod
+    def parse(cls, window: str | float) -> WindowPolicy:
+        """"auto" (short partials, 30 s finals), "short" (bucketed for all) or seconds (1-30)."""
+        if window == "auto":
+            return cls(finals_full=True)
+        if window == "short":
+            return cls()
+        seconds = window
+        if isinstance(window, str):
+            try:
+                seconds = float(window)
+            except ValueError:
+                seconds = None
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 1.0 <= seconds <= _MAX_WINDOW_S:
+            raise ValueError(f"window must be 'auto', 'short' or seconds between 1 and 30, got {window!r}")
+        return cls(fixed=float(seconds))
+
+    @property
+    def max_chunk_seconds(self) -> float:
+        """Longer audio is cut into chunks of at most this length, one window each."""
+        return self.fixed if self.fixed is not None else _MAX_WINDOW_S - self.margin
+
+    def frames(self, seconds: float, kind: str = "partial") -> int:
+        """Mel frames to pad a chunk of ``seconds`` to (always even: the encoder strides by 2)."""
+        if self.fixed is not None:
+            window = self.fixed
+        elif self.finals_full and kind == "final":
+            window = _MAX_WINDOW_S
+        else:
+            window = math.ceil((seconds + self.margin) / self.bucket) * self.bucket
+        frames = int(round(min(window, _MAX_WINDOW_S) * _FRAMES_PER_S))
+        return frames + frames % 2
+
+
+@dataclass(frozen=True)
+class GuardThresholds:
+    """When a transcript counts as "no speech". Values measured in docs/asr.md.
+
+    ``gate_db``: loudest frames' level in the 300-3400 Hz telephone band below
+    which the model is not even run. ``no_speech_prob``/``logprob``: Whisper's
+    own rule (no-speech token likely AND text unlikely). ``compression_ratio``:
+    above it the text is a repetition loop. Texts in ``hallucinations`` (what
+    Whisper says over silence) need ``hallucination_logprob`` and a no-speech
+    probability under ``hallucination_no_speech`` to be believed.
+    """
+
+    gate_db: float = -50.0
+    no_speech_prob: float = 0.6
+    logprob: float = -1.0
+    compression_ratio: float = 2.4
+    hallucination_logprob: float = -0.5
+    hallucination_no_speech: float = 0.3
+    hallucinations: frozenset[str] = frozenset(
+        {
+            "you",
+            "thank you",
+            "thanks",
+            "thank you very much",
+            "thanks for watching",
+            "thank you for watching",
+            "thank you so much for watching",
+            "please subscribe",
+            "bye",
+            "so",
+            "okay",
+            "oh",
+            "um",
+            "uh",
+            "hmm",
+            "the end",
+        }
+    )
+
+
+def speech_band_level_db(audio: np.ndarray, percentile: float = 95.0) -> float:
+    """Level (dBFS) of the louder 20 ms frames in the 300-3400 Hz telephone band.
+
+    Band-limiting ignores mains hum and DC; a high percentile rather than the
+    maximum ignores a single click. A full-scale sine gives about -3 dBFS.
+    """
+    frame = SAMPLE_RATE // 50
+    n = audio.size // frame
+    if n == 0:
+        return -math.inf
+    frames = audio[: n * frame].reshape(n, frame).astype(np.float64)
+    spectrum = np.fft.rfft(frames * np.hanning(frame), axis=1)
+    freqs = np.fft.rfftfreq(frame, 1.0 / SAMPLE_RATE)
+    band = (freqs >= 300.0) & (freqs <= 3400.0)
+    # Parseval with the Hann window's power gain (0.375): mean-square of the band component.
+    power = 2.0 * (np.abs(spectrum[:, band]) ** 2).sum(axis=1) / (frame * frame * 0.375)
+    level = float(np.percentile(power, percentile))
+    return 10.0 * math.log10(level) if level > 1e-20 else -math.inf
+
+
+@dataclass
+class _Decoded:
+    text: str
+    frames: int  # encoder window used
+    looping: bool  # hit the token cap or repeats itself: the decoder did not find the end
+    tokens: int
+    language: str
+    language_probability: float
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+
+
+def _compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+class _Engine:
+    """The model and one synchronous transcription; called from worker threads only."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str,
+        compute_type: str,
+        cpu_threads: int,
+        workers: int,
+        beam_size: int,
+        policy: WindowPolicy,
+        guard: GuardThresholds,
+        local_files_only: bool,
+    ) -> None:
+        from faster_whisper import WhisperModel  # heavy import, only where a model is used
+
+        self.model = WhisperModel(
+            model_path,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            num_workers=workers,
+            local_files_only=local_files_only,
+        )
+        self.beam_size = beam_size
+        self.policy = policy
+        self.guard = guard
+        self.multilingual = self.model.model.is_multilingual
+        self._tokenizers: dict[str, object] = {}
+        self.fallbacks = 0  # short-window decodes redone with the full window
+
+    def _tokenizer(self, language: str):
+        from faster_whisper.tokenizer import Tokenizer
+
+        if language not in self._tokenizers:
+            self._tokenizers[language] = Tokenizer(
+                self.model.hf_tokenizer, self.multilingual, task="transcribe", language=language
+            )
+        return self._tokenizers[language]
+
+    def transcribe(self, request: TranscriptionRequest, model_name: str) -> TranscriptionResult:
+        started = time.perf_counter()
+        audio = request.audio
+        seconds = audio.size / SAMPLE_RATE
+        language = request.language or ("en" if not self.multilingual else None)
+        if self.multilingual and language is not None and language not in self.model.supported_languages:
+            raise ValueError(f"language {language!r} is not supported by model {model_name!r}")
+        if not self.multilingual and language not in (None, "en"):
+            language = "en"  # an English-only model can only answer in English
+
+        heard: list[_Decoded] = []
+        prompt = request.prompt
+        if speech_band_level_db(audio) >= self.guard.gate_db:
+            for chunk in _split(audio, self.policy.max_chunk_seconds):
+                frames = self.policy.frames(chunk.size / SAMPLE_RATE, request.kind)
+                decoded = self.decode(chunk, language, prompt, frames)
+                if decoded.looping and frames < _FULL_FRAMES:
+                    # Short windows occasionally make the decoder repeat itself instead of
+                    # ending; the full 30 s window it was trained on rarely does.
+                    self.fallbacks += 1
+                    decoded = self.decode(chunk, language, prompt, _FULL_FRAMES)
+                if not self._is_silence(decoded):
+                    heard.append(decoded)
+                    prompt = decoded.text
+
+        elapsed = time.perf_counter() - started
+        if not heard:
+            return TranscriptionResult(
+                text="",
+                language=language or "",
+                language_probability=0.0,
+                avg_logprob=0.0,
+                no_speech_prob=1.0,
+                compression_ratio=0.0,
+                audio_seconds=seconds,
+                processing_seconds=elapsed,
+                model=model_name,
+                silence=True,
+            )
+        text = " ".join(d.text for d in heard)
+        tokens = sum(d.tokens for d in heard) or 1
+        first = heard[0]
+        return TranscriptionResult(
+            text=text,
+            language=first.language,
+            language_probability=first.language_probability,
+            avg_logprob=sum(d.avg_logprob * d.tokens for d in heard) / tokens,
+            no_speech_prob=min(d.no_speech_prob for d in heard),
+            compression_ratio=_compression_ratio(text),
+            audio_seconds=seconds,
+            processing_seconds=elapsed,
+            model=model_name,
+            silence=False,
+        )
+
+    def decode(self, audio: np.ndarray, language: str | None, prompt: str | None, frames: int) -> _Decoded:
+        """One greedy (or beam) pass over at most one window (``frames`` mel frames) of audio."""
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        model = self.model
+        # Pad the audio with zeros before the log-mel, as OpenAI's Whisper (and its
+        # training) does; faster-whisper pads the log-mel with 0.0 instead, which is
+        # not silence to the model (speech then gets higher no-speech probabilities).
+        hop = model.feature_extractor.hop_length
+        padded = np.pad(audio, (0, max(0, frames * hop - audio.size)))
+        features = model.feature_extractor(padded)[:, :frames]
+        encoder_output = model.encode(features)
+
+        language_probability = 1.0
+        if language is None:
+            token, language_probability = model.model.detect_language(encoder_output)[0][0]
+            language = token[2:-2]
+        tokenizer = self._tokenizer(language)
+
+        previous = tokenizer.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
+        prompt_tokens = model.get_prompt(tokenizer, previous, without_timestamps=True)
+        # Real speech stays well under 10 tokens/s; the cap stops a looping decoder early.
+        max_new = int(audio.size / SAMPLE_RATE * 10) + 16
+        max_length = min(_MAX_TOKENS, len(prompt_tokens) + max_new)
+        result = model.model.generate(
+            encoder_output,
+            [prompt_tokens],
+            beam_size=self.beam_size,
+            max_length=max_length,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
+        )[0]
+        tokens = result.sequences_ids[0]
+        # CTranslate2 returns the length-normalized cumulative log prob; Whisper's
+        # avg_logprob divides by len + 1 (the end token).
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        text = tokenizer.decode(tokens).strip()
+        compression_ratio = _compression_ratio(text)
+        return _Decoded(
+            text=text,
+            frames=frames,
+            looping=len(prompt_tokens) + len(tokens) >= max_length
+            or compression_ratio > self.guard.compression_ratio
+            or _repeats(normalize(text)),
+            tokens=len(tokens),
+            language=language,
+            language_probability=float(language_probability),
+            avg_logprob=float(avg_logprob),
+            no_speech_prob=float(result.no_speech_prob),
+            compression_ratio=compression_ratio,
+        )
+
+    def _is_silence(self, d: _Decoded) -> bool:
+        g = self.guard
+        words = normalize(d.text)
+        if not words:
+            return True
+        if d.no_speech_prob > g.no_speech_prob and d.avg_logprob < g.logprob:
+            return True
+        if d.compression_ratio > g.compression_ratio:
+            return True
+        if " ".join(words) in g.hallucinations:
+            return d.avg_logprob < g.hallucination_logprob or d.no_speech_prob > g.hallucination_no_speech
+        return False
+
+
+def _repeats(words: list[str]) -> bool:
+    """True if a phrase repeats back to back (a word 3 times, a longer phrase twice).
+
+    The typical short-window failure: "Call forwarding. Call forwarding."
+    A false alarm only costs one extra decode with the full window.
+    """
+    n = len(words)
+    for length in range(1, n // 2 + 1):
+        times = 3 if length == 1 else 2
+        for start in range(n - length * times + 1):
+            phrase = words[start : start + length]
+            if all(words[start + k * length : start + (k + 1) * length] == phrase for k in range(1, times)):
+                return True
+    return False
+
+
+def _split(audio: np.ndarray, max_seconds: float) -> list[np.ndarray]:
+    """Cut audio longer than one window at its quietest 20 ms in the last 40% of each window."""
+    limit = int(max_seconds * SAMPLE_RATE)
+    if audio.size <= limit:
+        return [audio]
+    frame = SAMPLE_RATE // 50
+    chunks = []
+    start = 0
+    while audio.size - start > limit:
+        lo = start + int(limit * 0.6)
+        region = audio[lo : start + limit]
+        n = region.size // frame
+        energy = (region[: n * frame].reshape(n, frame) ** 2).sum(axis=1)
+        cut = lo + int(np.argmin(energy)) * frame + frame // 2
+        chunks.append(audio[start:cut])
+        start = cut
+    chunks.append(audio[start:])
+    return chunks
+
+
+@dataclass(eq=False)
+class _Job:
+    request: TranscriptionRequest
+    future: concurrent.futures.Future[TranscriptionResult]
+    superseded: bool = False
+
+
+class WhisperTranscriber:
+    """Transcriber running faster-whisper in worker threads of this process.
+
+    CTranslate2 releases the GIL, so the event loop keeps serving RTP while a
+    worker thread decodes. ``workers`` threads share one model (CTranslate2
+    ``inter_threads``); ``cpu_threads`` is the intra-op thread count per worker.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny.en",
+        *,
+        device: str = "auto",
+        compute_type: str = "default",
+        cpu_threads: int = 0,
+        workers: int = 1,
+        beam_size: int = 1,
+        window: str | float = "auto",
+        local_files_only: bool = False,
+        guard: GuardThresholds | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+        self.name = f"whisper:{model}"
+        self.model_name = model
+        self._engine = _Engine(
+            resolve_model(model, local_files_only=local_files_only),
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            workers=workers,
+            beam_size=beam_size,
+            policy=WindowPolicy.parse(window),
+            guard=guard or GuardThresholds(),
+            local_files_only=local_files_only,
+        )
+        self._lock = threading.Condition()
+        self._heap: list[tuple[int, int, _Job]] = []
+        self._queued_partials: dict[str, _Job] = {}
+        self._sequence = itertools.count()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"whisper-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker (superseded ones excluded)."""
+        with self._lock:
+            return sum(1 for _, _, job in self._heap if not job.superseded)
+
+    async def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
+        return await asyncio.wrap_future(self.submit(request))
+
+    def submit(self, request: TranscriptionRequest) -> concurrent.futures.Future[TranscriptionResult]:
+        """Queue a request; thread-safe. The asyncio API is :meth:`transcribe`."""
+        if not isinstance(request, TranscriptionRequest):
+            raise TypeError(f"expected a TranscriptionRequest, got {type(request).__name__}")
+        job = _Job(request, concurrent.futures.Future())
+        with self._lock:
+            if self._closed:
+                raise TranscriberClosed(f"{self.name} is closed")
+            if request.key:
+                older = self._queued_partials.pop(request.key, None)
+                if older is not None:
+                    older.superseded = True
+                    if older.future.set_running_or_notify_cancel():
+                        older.future.set_exception(Superseded(f"partial for {request.key!r} replaced by a newer request"))
+                if request.kind == "partial":
+                    self._queued_partials[request.key] = job
+            priority = 0 if request.kind == "final" else 1
+            heapq.heappush(self._heap, (priority, next(self._sequence), job))
+            self._lock.notify()
+        return job.future
+
+    def _next_job(self) -> _Job | None:
+        with self._lock:
+            while True:
+                while self._heap:
+                    _, _, job = heapq.heappop(self._heap)
+                    if job.superseded:
+                        continue
+                    if self._queued_partials.get(job.request.key) is job:
+                        del self._queued_partials[job.request.key]
+                    if job.future.set_running_or_notify_cancel():  # False: the caller gave up
+                        return job
+                if self._closed:
+                    return None
+                self._lock.wait()
+
+    def _work(self) -> None:
+        while (job := self._next_job()) is not None:
+            try:
+                result = self._engine.transcribe(job.request, self.model_name)
+            except BaseException as exc:  # delivered to the caller; the worker lives on
+                logger.exception("transcription failed (%s, %.2f s)", job.request.kind, job.request.seconds)
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(result)
+
+    async def close(self) -> None:
+        """Refuse new requests, drop queued partials, finish queued finals, stop the workers."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                for _, _, job in self._heap:
+                    if job.request.kind == "partial" and not job.superseded:
+                        job.superseded = True
+                        if job.future.set_running_or_notify_cancel():
+                            job.future.set_exception(TranscriberClosed(f"{self.name} closed before this partial ran"))
+                self._queued_partials.clear()
+                self._lock.notify_all()
+        threads = [t for t in self._threads if t.is_alive()]
+        if threads:
+            await asyncio.to_thread(lambda: [t.join() for t in threads])
