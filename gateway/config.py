@@ -56,7 +56,7 @@ class Settings:
     # ASR
     asr_model: str = "tiny.en"  # "none": media plane only, nothing is transcribed (benchmarks)
     asr_device: str = "auto"
-    asr_compute_type: str = "default"
+    asr_compute_type: str = "default"  # default: int8 on CPU, float16 on GPU
     asr_threads: int = 0
     asr_workers: int = 1
     asr_window: str = "auto"
@@ -133,12 +133,12 @@ class Settings:
                "must have at least 16 characters (or be empty to use a generated one)")
         _check(self.web_live_window_s > 0, "web_live_window_s", "must be positive")
         _check(self.web_sse_queue >= 8, "web_sse_queue", "must be at least 8")
-        if self.asr_window != "auto":
+        if self.asr_window not in ("auto", "short"):
             try:
                 ok = 1.0 <= float(self.asr_window) <= 30.0
             except ValueError:
                 ok = False
-            _check(ok, "asr_window", "must be 'auto' or seconds between 1 and 30")
+            _check(ok, "asr_window", "must be 'auto', 'short' or seconds between 1 and 30")
 
     @property
     def events_stream(self) -> str:

@@ -115,19 +115,38 @@ def pcm_wav(name: str, directory: Path) -> Path:
     return out
 
 
+CALLS_PER_PROCESS = 4  # the pjsua2 wheel's compile-time call limit
+
+
 def place_calls(target: str, wavs: list[Path], calls: int, *, hold: float = 2.0, dtmf: str = "",
-                transport: str = "udp", timeout: float = 180) -> list[dict]:
-    cmd = [sys.executable, str(ROOT / "tests/e2e/pjsua_caller.py"), "--target", target, "--calls", str(calls),
-           "--hold", str(hold), "--transport", transport, "--timeout", str(timeout)]
-    for wav in wavs:
-        cmd += ["--wav", str(wav)]
-    if dtmf:
-        cmd += ["--dtmf", dtmf]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if len(results) != calls:
-        raise RuntimeError(f"pjsua caller failed (rc={done.returncode}):\n{done.stdout}\n{done.stderr[-3000:]}")
-    return results
+                transport: str = "udp", timeout: float = 180, delayed_offer: bool = False,
+                hold_at: float = 0.0) -> list[dict]:
+    """Call i plays wavs[i % len(wavs)]; calls are spread over PJSIP processes of 4 calls."""
+    procs = []
+    for first in range(0, calls, CALLS_PER_PROCESS):
+        count = min(CALLS_PER_PROCESS, calls - first)
+        cmd = [sys.executable, str(ROOT / "tests/e2e/pjsua_caller.py"), "--target", target, "--calls", str(count),
+               "--hold", str(hold), "--transport", transport, "--timeout", str(timeout)]
+        for i in range(first, first + count):
+            cmd += ["--wav", str(wavs[i % len(wavs)])]
+        if dtmf:
+            cmd += ["--dtmf", dtmf]
+        if delayed_offer:
+            cmd.append("--delayed-offer")
+        if hold_at:
+            cmd += ["--hold-at", str(hold_at)]
+        procs.append((first, count, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                     text=True)))
+    results: list[dict] = []
+    for first, count, proc in procs:
+        out, err = proc.communicate(timeout=timeout + 30)
+        mine = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        if len(mine) != count:
+            raise RuntimeError(f"pjsua caller failed (rc={proc.returncode}):\n{out}\n{err[-3000:]}")
+        for result in mine:
+            result["index"] += first
+        results += mine
+    return sorted(results, key=lambda r: r["index"])
 
 
 def read_events(stream: str) -> list[dict]:

@@ -69,6 +69,9 @@ def main() -> int:
     parser.add_argument("--transport", choices=("udp", "tcp"), default="udp")
     parser.add_argument("--stagger", type=float, default=0.05, help="seconds between call starts")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--delayed-offer", action="store_true", help="INVITE without SDP (offer in the 200)")
+    parser.add_argument("--hold-at", type=float, default=0.0,
+                        help="seconds after answer to put the call on hold (re-INVITE), resumed 1 s later")
     args = parser.parse_args()
 
     ep = pj.Endpoint()
@@ -106,7 +109,10 @@ def main() -> int:
     deadline = time.monotonic() + args.timeout
     for i in range(args.calls):
         call = Call(account, i, args.wav[i % len(args.wav)])
-        call.makeCall(uri, pj.CallOpParam(True))
+        prm = pj.CallOpParam(True)
+        if args.delayed_offer:
+            prm.opt.flag |= pj.PJSUA_CALL_NO_SDP_OFFER
+        call.makeCall(uri, prm)
         calls.append(call)
         end = time.monotonic() + args.stagger
         while time.monotonic() < end:
@@ -114,6 +120,8 @@ def main() -> int:
 
     dtmf_sent: set[int] = set()
     hung_up: set[int] = set()
+    held: set[int] = set()
+    resumed: set[int] = set()
     while time.monotonic() < deadline and not all(c.disconnected for c in calls):
         ep.libHandleEvents(10)
         now = time.monotonic()
@@ -121,6 +129,15 @@ def main() -> int:
             if call.disconnected or call.confirmed_at is None or call.index in hung_up:
                 continue
             audio_end = call.confirmed_at + durations[call.index % len(durations)]
+            if args.hold_at and call.index not in held and now >= call.confirmed_at + args.hold_at:
+                call.setHold(pj.CallOpParam(True))
+                held.add(call.index)
+            if args.hold_at and call.index in held and call.index not in resumed \
+                    and now >= call.confirmed_at + args.hold_at + 1.0:
+                prm = pj.CallOpParam(True)
+                prm.opt.flag |= pj.PJSUA_CALL_UNHOLD
+                call.reinvite(prm)
+                resumed.add(call.index)
             if args.dtmf and call.index not in dtmf_sent and now >= audio_end:
                 call.dialDtmf(args.dtmf)
                 dtmf_sent.add(call.index)
@@ -134,6 +151,7 @@ def main() -> int:
         print(json.dumps({
             "index": call.index, "call_id": call.sip_call_id, "wav": call.wav, "status": call.status,
             "confirmed": call.confirmed_at is not None, "disconnect_reason": call.reason,
+            "held": call.index in held, "resumed": call.index in resumed,
         }), flush=True)
     ok = all(c.confirmed_at is not None for c in calls)
     for call in calls:

@@ -102,3 +102,20 @@ def test_twenty_simultaneous_calls_keep_their_own_transcripts(gateway, tmp_path)
         # no words of another call's recording crept in: its own reference fits far better
         others = [word_error_rate(o.text, text) for o in entries if o.file != entry.file]
         assert wer < min(others) - 0.3, (result, wer, others)
+
+
+def test_tcp_delayed_offer_call_with_hold_and_resume(gateway, tmp_path):
+    """SIP over TCP, an INVITE without SDP (Cisco CUCM's default), and a hold/resume
+    re-INVITE pair in the middle: the transcript still arrives whole."""
+    entry = get_entry("caller_01_voicemail_password.wav")
+    wav = pcm_wav(entry.file, tmp_path)
+    results = place_calls(f"127.0.0.1:{gateway.sip_port}", [wav], 1, hold=1.5, transport="tcp",
+                          delayed_offer=True, hold_at=5.0)
+    result = results[0]
+    assert result["confirmed"] and result["held"] and result["resumed"], result
+    events = wait_for_calls_ended(gateway.events_stream, {result["call_id"]}, timeout=60)
+    mine = by_call(events)[result["call_id"]]
+    assert mine[0]["transport"] == "tcp"
+    text = check_call(mine, expect_partials=False)
+    assert word_error_rate(entry.text, text) <= WER_BOUND, text
+    assert mine[-1]["reason"] == "bye"
