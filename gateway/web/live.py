@@ -2,11 +2,12 @@
 
 One :class:`LiveHub` per gateway process reads the global stream
 ``<prefix>:events`` with a single blocking XREAD loop and fans every event out to
-the SSE connections through bounded queues: a hundred supervisors watching cost
-one Redis reader, and a slow browser only ever fills its own queue. A
-subscriber whose queue overflows is closed (it gets :data:`OVERFLOW`); its
-EventSource reconnects and starts over from a replay, which is cheaper and
-more honest than silently skipping events.
+the SSE connections: a hundred supervisors watching cost one Redis reader, and
+a slow browser only ever fills its own buffer. A call view gets every event of
+its call through a bounded queue; the board gets changes coalesced per call
+(:class:`BoardSubscription`). A subscriber that falls too far behind is closed
+(it gets :data:`OVERFLOW`); its EventSource reconnects and starts over from a
+replay, which is cheaper and more honest than silently skipping events.
 
 :class:`LiveBoard` is the sans-I/O part: the set of active calls, fed event
 dicts, answering what changed. On start the hub rebuilds it from the recent
@@ -176,11 +177,11 @@ class LiveBoard:
 
 
 class Subscription:
-    """One SSE connection's view of the hub: a bounded queue of items."""
+    """One SSE connection following one call: a bounded queue of its events, in order."""
 
     def __init__(self, hub: LiveHub, call_id: str | None, maxsize: int) -> None:
         self.hub = hub
-        self.call_id = call_id  # None: the board (BoardChange items); else that call's event dicts
+        self.call_id = call_id
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
         self.overflowed = False
         self.closed = False
@@ -221,6 +222,70 @@ class Subscription:
         self.close()
 
 
+class BoardSubscription:
+    """One SSE connection following the board: changes coalesced by call.
+
+    The board only shows each call's latest state, so a burst of events for a
+    call (or a hundred calls talking at once) is one pending update per call:
+    the backlog is bounded by the number of calls, not by the event rate, and a
+    slow browser simply sees fewer intermediate states. Only a backlog beyond
+    ``max_pending`` calls closes it.
+    """
+
+    call_id = None
+
+    def __init__(self, hub: LiveHub, max_pending: int) -> None:
+        self.hub = hub
+        self.max_pending = max_pending
+        self.overflowed = False
+        self.closed = False
+        self._pending: OrderedDict[str, BoardChange] = OrderedDict()
+        self._sentinel: dict[str, Any] | None = None
+        self._wakeup = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + (self._sentinel is not None)
+
+    def offer(self, change: BoardChange) -> None:
+        if self.closed:
+            return
+        if change.kind == "snapshot":
+            self._pending.clear()  # a snapshot carries every call
+        key = change.call_id if change.kind in ("call", "ended") else "\0" + change.kind
+        self._pending[key] = change
+        self._pending.move_to_end(key)
+        if len(self._pending) > self.max_pending:
+            self.overflowed = True
+            self.hub.stats.overflows += 1
+            self._end(OVERFLOW)
+            return
+        self._wakeup.set()
+
+    def _end(self, sentinel: dict[str, Any]) -> None:
+        self._pending.clear()
+        self._sentinel = sentinel
+        self._wakeup.set()
+        self.close()
+
+    async def get(self, timeout: float | None = None) -> Any:
+        """The next change (or sentinel); None on timeout."""
+        if not self._pending and self._sentinel is None:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        if self._pending:
+            return self._pending.popitem(last=False)[1]
+        return self._sentinel
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.hub._unsubscribe(self)
+
+
 @dataclass
 class HubStats:
     entries: int = 0
@@ -243,17 +308,21 @@ class LiveHub:
         rebuild_window_s: float = 4 * 3600.0,
         rebuild_max_entries: int = 20_000,
         queue_size: int = 256,
+        max_board_pending: int = 10_000,
         block_ms: int = 1000,
         replay_max_entries: int = 5000,
         stale_after_s: float = 4 * 3600.0,
         wall: Callable[[], float] = time.time,
+        client_name: str = "earshot-livehub",
     ) -> None:
         self.redis_url = redis_url
+        self.client_name = client_name
         self.events_stream = events_stream
         self.call_stream = call_stream
         self.rebuild_window_s = rebuild_window_s
         self.rebuild_max_entries = rebuild_max_entries
         self.queue_size = queue_size
+        self.max_board_pending = max_board_pending
         self.block_ms = block_ms
         self.replay_max_entries = replay_max_entries
         self.wall = wall
@@ -262,10 +331,11 @@ class LiveHub:
         self.redis_ok = False
         self.ready = asyncio.Event()  # set once the board was rebuilt
         self._last_id: str | None = None
-        self._board_subs: set[Subscription] = set()
+        self._board_subs: set[BoardSubscription] = set()
         self._call_subs: dict[str, set[Subscription]] = {}
         self._redis: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- life cycle
     async def start(self) -> None:
@@ -275,13 +345,19 @@ class LiveHub:
         if self._task is not None:
             raise RuntimeError("LiveHub already started")
         self._redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
-                                              socket_timeout=self.block_ms / 1000 + 5, client_name="earshot-livehub")
+                                              socket_timeout=self.block_ms / 1000 + 5, client_name=self.client_name)
         self._task = asyncio.create_task(self._run(), name="earshot-livehub")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # let the blocked XREAD return by itself (block_ms): a cancelled read leaves its
+            # connection out of the pool, open, and redis-py may turn the cancellation into
+            # a ConnectionError; cancel only if it does not stop in time
+            await asyncio.wait([self._task], timeout=self.block_ms / 1000 + 1.0)
+            if not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=5)
             self._task = None
         for sub in list(self._board_subs) + [s for subs in self._call_subs.values() for s in subs]:
             sub._end(RESET)
@@ -290,17 +366,20 @@ class LiveHub:
             self._redis = None
 
     # -- subscribers
-    def subscribe(self, call_id: str | None = None) -> Subscription:
-        """Board changes (call_id None) or one call's events, from now on."""
-        sub = Subscription(self, call_id, self.queue_size)
-        if call_id is None:
-            self._board_subs.add(sub)
-        else:
-            self._call_subs.setdefault(call_id, set()).add(sub)
+    def subscribe_board(self) -> BoardSubscription:
+        """Board changes from now on."""
+        sub = BoardSubscription(self, self.max_board_pending)
+        self._board_subs.add(sub)
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
-        if sub.call_id is None:
+    def subscribe(self, call_id: str) -> Subscription:
+        """One call's events from now on."""
+        sub = Subscription(self, call_id, self.queue_size)
+        self._call_subs.setdefault(call_id, set()).add(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription | BoardSubscription) -> None:
+        if isinstance(sub, BoardSubscription):
             self._board_subs.discard(sub)
         else:
             subs = self._call_subs.get(sub.call_id)
@@ -411,7 +490,7 @@ class LiveHub:
 
         backoff = 0.2
         next_expiry = 0.0
-        while True:
+        while not self._closing:
             try:
                 if self._last_id is None:
                     await self._rebuild()
@@ -435,6 +514,8 @@ class LiveHub:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    return
                 self.stats.redis_failures += 1
                 if self.redis_ok:
                     log.warning("live hub lost Redis (%s); retrying", exc)

@@ -259,7 +259,7 @@ def page_router(d: Dashboard) -> APIRouter:
     @router.get("/live/stream")
     async def board_stream(request: Request) -> Response:
         await stream_user(request)
-        sub = d.hub.subscribe(None)
+        sub = d.hub.subscribe_board()
         return StreamingResponse(board_events(d.hub, sub, d.keepalive_s), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 

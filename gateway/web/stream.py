@@ -13,7 +13,7 @@ import json
 from typing import Any, AsyncIterator
 
 from ..events import CALL_ENDED
-from .live import OVERFLOW, RESET, BoardChange, LiveHub, Subscription, event_number
+from .live import OVERFLOW, RESET, BoardChange, BoardSubscription, LiveHub, Subscription, event_number
 
 RETRY_MS = 2000  # how soon an EventSource reconnects after the stream ends
 
@@ -30,7 +30,7 @@ def _status(hub: LiveHub) -> dict[str, Any]:
     return {"redis": "ok" if hub.redis_ok else "unreachable"}
 
 
-async def board_events(hub: LiveHub, sub: Subscription, keepalive_s: float) -> AsyncIterator[str]:
+async def board_events(hub: LiveHub, sub: BoardSubscription, keepalive_s: float) -> AsyncIterator[str]:
     """``snapshot`` (all active calls), then ``call`` upserts, ``ended`` and ``status``."""
     try:
         yield f"retry: {RETRY_MS}\n\n"

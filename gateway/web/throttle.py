@@ -89,10 +89,11 @@ class LoginThrottle:
                 record = _Record(failures=0, last_failure=now, allowed_at=now)
             record.failures += 1
             record.last_failure = now
-            record.allowed_at = now + self.delay_after(record.failures)
+            delay = self.delay_after(record.failures)
+            record.allowed_at = now + delay
             self._records[key] = record
             self._records.move_to_end(key)
-            longest = max(longest, record.allowed_at - now)
+            longest = max(longest, delay)
         while len(self._records) > self.max_keys:
             self._records.popitem(last=False)
         return longest
