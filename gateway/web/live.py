@@ -36,6 +36,7 @@ CALL_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 OVERFLOW: dict[str, Any] = {"type": "overflow"}  # sentinel put in a queue that overflowed
 RESET: dict[str, Any] = {"type": "reset"}  # the stream was lost (Redis restarted empty): start over
 MAX_ENDED_REMEMBERED = 10_000
+REPLAY_CONNECTIONS = 4
 
 
 def valid_call_id(call_id: str) -> bool:
@@ -334,6 +335,7 @@ class LiveHub:
         self._board_subs: set[BoardSubscription] = set()
         self._call_subs: dict[str, set[Subscription]] = {}
         self._redis: Any = None
+        self._replay_redis: Any = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -346,6 +348,12 @@ class LiveHub:
             raise RuntimeError("LiveHub already started")
         self._redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
                                               socket_timeout=self.block_ms / 1000 + 5, client_name=self.client_name)
+        # replays (a call view opening) use a small pool of their own: many browsers
+        # opening at once wait for a connection instead of opening one each
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=REPLAY_CONNECTIONS, timeout=10, socket_connect_timeout=2,
+            socket_timeout=10, client_name=f"{self.client_name}-replay")
+        self._replay_redis = aioredis.Redis(connection_pool=pool)
         self._task = asyncio.create_task(self._run(), name="earshot-livehub")
 
     async def close(self) -> None:
@@ -364,6 +372,10 @@ class LiveHub:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+        if self._replay_redis is not None:
+            await self._replay_redis.aclose()
+            await self._replay_redis.connection_pool.disconnect()
+            self._replay_redis = None
 
     # -- subscribers
     def subscribe_board(self) -> BoardSubscription:
@@ -402,13 +414,13 @@ class LiveHub:
         """The events of one call so far, from its own stream (XRANGE); raises on Redis errors."""
         from redis.exceptions import RedisError
 
-        if self._redis is None or not valid_call_id(call_id):
+        if self._replay_redis is None or not valid_call_id(call_id):
             return []
         events: list[dict[str, Any]] = []
         start = "-"
         try:
             while len(events) < self.replay_max_entries:
-                batch = await self._redis.xrange(self.call_stream(call_id), min=start, max="+", count=500)
+                batch = await self._replay_redis.xrange(self.call_stream(call_id), min=start, max="+", count=500)
                 if not batch:
                     break
                 for entry_id, fields in batch:
