@@ -162,6 +162,7 @@ class Gateway:
         self.vad_runner: BatchedVadRunner | None = None
         self.http: HttpServer | None = None
         self.persister: Any = None
+        self.dashboard: Any = None
         self._ended_rtp: dict[str, int] = {}
         self._closed = asyncio.Event()
 
@@ -181,7 +182,14 @@ class Gateway:
         await self.sip.start(s.sip_host, s.sip_port, udp=s.sip_udp, tcp=s.sip_tcp)
         if s.sip_port == 0:  # tests: learn the real port for Contact headers
             self.ua.local_port = self.sip.udp_port if s.sip_udp else self.sip.tcp_port
-        self.http = HttpServer(build_app(self.metrics, self._health), s.http_host, s.http_port)
+        web = None
+        if s.web_enabled:
+            from .web import Dashboard  # FastAPI, Jinja2: only when the dashboard is served
+
+            self.dashboard = Dashboard(s)
+            await self.dashboard.start()
+            web = self.dashboard.asgi
+        self.http = HttpServer(build_app(self.metrics, self._health, web=web), s.http_host, s.http_port)
         await self.http.start()
         self._spawn(self._poll_loop())
         log.info("Earshot listening: SIP %s:%d (%s), HTTP http://%s:%d, Redis %s",
@@ -231,6 +239,8 @@ class Gateway:
             await self.persister.close()
         if self.http is not None:
             await self.http.close()
+        if self.dashboard is not None:
+            await self.dashboard.close()
         if self.transcriber is not None:
             await self.transcriber.close()
         self._closed.set()
