@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from .yamlfile import compose_file, scalar
+
 ENV_PREFIX = "EARSHOT_"
 
 
@@ -202,7 +204,7 @@ def _flatten(node: yaml.Node, path: str, prefix: str, out: dict[str, tuple[Any, 
             continue
         if name not in _FIELDS:
             raise ConfigError(f"{where}: unknown setting {name!r}")
-        value = yaml.safe_load(yaml.serialize(value_node))
+        value = scalar(value_node)
         out[name] = (value, where)
 
 
@@ -218,16 +220,7 @@ def load_settings(
     values: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{file}: cannot read configuration file: {exc.strerror}") from None
-        try:
-            root = yaml.compose(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{file}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        root = compose_file(file, ConfigError, "configuration file")
         if root is not None:
             found: dict[str, tuple[Any, str]] = {}
             _flatten(root, str(file), "", found)

@@ -12,9 +12,10 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from .yamlfile import compose_file, scalar
 
 MATCH_KEYS = ("to_user", "from_user", "to", "from", "source")
 
@@ -83,22 +84,9 @@ def _mapping(node: yaml.Node, path: str, what: str) -> dict[str, tuple[yaml.Node
     return {str(k.value): (k, v) for k, v in node.value}
 
 
-def _scalar(node: yaml.Node) -> Any:
-    return yaml.safe_load(yaml.serialize(node))
-
-
 def load_dialplan(path: str | Path) -> Dialplan:
     path = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DialplanError(f"{path}: cannot read dialplan: {exc.strerror}") from None
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise DialplanError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    root = compose_file(path, DialplanError, "dialplan")
     if root is None:
         raise DialplanError(f"{path}: empty dialplan (needs a 'rules' list)")
     top = _mapping(root, path, "the dialplan")
@@ -120,14 +108,14 @@ def _rule(path: str, index: int, node: yaml.Node) -> Rule:
     for key, (knode, _v) in items.items():
         if key not in allowed:
             raise _fail(path, knode, f"unknown rule key {key!r} (allowed: {', '.join(sorted(allowed))})")
-    name = str(_scalar(items["name"][1])) if "name" in items else f"rule-{index + 1}"
+    name = str(scalar(items["name"][1])) if "name" in items else f"rule-{index + 1}"
     patterns: dict[str, re.Pattern[str]] = {}
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     if "match" in items:
         for key, (knode, vnode) in _mapping(items["match"][1], path, "match").items():
             if key not in MATCH_KEYS:
                 raise _fail(path, knode, f"unknown match key {key!r} (allowed: {', '.join(MATCH_KEYS)})")
-            value = _scalar(vnode)
+            value = scalar(vnode)
             if key == "source":
                 for cidr in value if isinstance(value, list) else [value]:
                     try:
@@ -139,23 +127,23 @@ def _rule(path: str, index: int, node: yaml.Node) -> Rule:
                 patterns[key] = re.compile(str(value))
             except re.error as exc:
                 raise _fail(path, vnode, f"{key}: invalid regular expression: {exc}") from None
-    action = str(_scalar(items["action"][1])) if "action" in items else "transcribe"
+    action = str(scalar(items["action"][1])) if "action" in items else "transcribe"
     if action not in ("transcribe", "reject"):
         raise _fail(path, items["action"][1], f"action must be 'transcribe' or 'reject', not {action!r}")
     status = 403
     if "status" in items:
-        status_value = _scalar(items["status"][1])
+        status_value = scalar(items["status"][1])
         if not isinstance(status_value, int) or not 400 <= status_value <= 699:
             raise _fail(path, items["status"][1], "status must be a SIP final error code (400-699)")
         status = status_value
     tags: tuple[str, ...] = ()
     if "tags" in items:
-        value = _scalar(items["tags"][1])
+        value = scalar(items["tags"][1])
         if not isinstance(value, list) or not all(isinstance(t, (str, int)) for t in value):
             raise _fail(path, items["tags"][1], "tags must be a list of words")
         tags = tuple(str(t) for t in value)
-    language = str(_scalar(items["language"][1])) if "language" in items else None
-    leg = str(_scalar(items["leg"][1])) if "leg" in items else "caller"
-    reason = str(_scalar(items["reason"][1])) if "reason" in items else "Forbidden"
+    language = str(scalar(items["language"][1])) if "language" in items else None
+    leg = str(scalar(items["leg"][1])) if "leg" in items else "caller"
+    reason = str(scalar(items["reason"][1])) if "reason" in items else "Forbidden"
     route = Route(rule=name, action=action, status=status, reason=reason, tags=tags, language=language, leg=leg)
     return Rule(name=name, patterns=patterns, networks=tuple(networks), route=route)
