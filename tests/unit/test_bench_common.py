@@ -1,0 +1,120 @@
+"""The benchmark helpers: the paced RTP sender over a real socket, RESULTS.md sections,
+the /proc readers and the turn-latency matching."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from bench import common
+from bench.common import Arrival, CallPlan, RtpSender, SentStream
+from bench.turn_latency import measure_call
+from tests.fixtures_data import get_entry, read_g711
+
+
+def test_sender_paces_valid_rtp_then_silence():
+    payload, codec = read_g711("prompt_agent-loginok.wav")
+    payload = payload[:5 * 160 + 80]  # 5.5 packets: the last one is padded with silence
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        sender = RtpSender()
+        try:
+            stream = SentStream("t", rx.getsockname(), payload, codec, max_tail_s=0.1)
+            sender.start(stream)
+            packets = [rx.recvfrom(2048) for _ in range(11)]  # 6 payload + 5 tail packets
+        finally:
+            sender.close()
+    for i, (data, source) in enumerate(packets):
+        assert source == ("127.0.0.1", sender.port)
+        first, second, seq, ts, ssrc = struct.unpack("!BBHII", data[:12])
+        assert first == 0x80 and second & 0x7F == 0 and ssrc == stream.ssrc
+        assert (second & 0x80 != 0) == (i == 0)  # marker on the first packet only
+        assert seq == (stream.seq0 + i) & 0xFFFF
+        assert ts == (stream.ts0 + 160 * i) & 0xFFFFFFFF
+        assert len(data) == 12 + 160
+    body = b"".join(p[0][12:] for p in packets[:6])
+    assert body[:len(payload)] == payload
+    assert set(body[len(payload):]) == {0xFF}  # mu-law silence after the fixture
+    assert all(set(p[0][12:]) == {0xFF} for p in packets[6:])
+    assert len(stream.sent_wall) == 6  # send times of payload packets only
+    gaps = [b - a for a, b in zip(stream.sent_wall, stream.sent_wall[1:])]
+    assert sum(gaps) > 0.05  # paced over ~100 ms, not sent in one burst
+    assert stream.sent_at_ms(0) == stream.sent_wall[0] and stream.sent_at_ms(45) == stream.sent_wall[2]
+
+
+def test_sender_stops_a_stream():
+    payload, codec = read_g711("prompt_agent-loginok.wav")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", 0))
+        sender = RtpSender()
+        try:
+            stream = SentStream("t", rx.getsockname(), payload, codec)
+            sender.start(stream)
+            time.sleep(0.1)
+            sender.stop(stream)
+            time.sleep(0.1)
+            sent = stream.packets_sent
+            time.sleep(0.1)
+            assert stream.packets_sent == sent < len(payload) // 160
+        finally:
+            sender.close()
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    common.write_section("a", "first A")
+    common.write_section("b", "only B")
+    common.write_section("a", "second A")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("# Earshot benchmark results")
+    assert "second A" in text and "first A" not in text and "only B" in text
+    assert text.count("<!-- BEGIN a -->") == 1 and text.index("BEGIN a") < text.index("BEGIN b")
+
+
+def test_percentile():
+    assert common.percentile([3, 1, 2], 50) == 2
+    assert common.percentile([0, 10], 95) == pytest.approx(9.5)
+    assert common.percentile([], 50) != common.percentile([], 50)  # NaN
+
+
+def test_proc_readers():
+    before = common.process_cpu_seconds(os.getpid())
+    start = time.process_time()
+    while time.process_time() - start < 0.15:
+        pass
+    assert common.process_cpu_seconds(os.getpid()) - before >= 0.1
+    udp = common.udp_counters()
+    assert {"InDatagrams", "InErrors", "RcvbufErrors"} <= set(udp)
+
+
+def _final(turn: int, start_ms: int, end_ms: int, id_ms: int) -> Arrival:
+    event = {"type": "turn.final", "turn": turn, "start_ms": start_ms, "end_ms": end_ms, "reason": "silence",
+             "text": "x", "latency_ms": 1.0, "asr": {"processing_ms": 2.0, "speculative": True}}
+    return Arrival(f"{id_ms}-0", id_ms, id_ms / 1000 + 0.002, event)
+
+
+def test_turn_latency_matches_finals_to_manifest_turns():
+    entry = get_entry("caller_02_conference.wav")  # turns (500, 2690), (3690, 5990), ...
+    payload, codec = read_g711(entry.file)
+    stream = SentStream("t", ("127.0.0.1", 9), payload, codec)
+    t0 = 1_000_000.0
+    stream.sent_wall = [t0 + 0.02 * i for i in range(stream.payload_packets)]
+    answered = "1970-01-12T13:46:39.900Z"  # t0 - 100 ms: call offsets are 100 ms later than fixture offsets
+    started = Arrival("0-0", 0, 0.0, {"type": "call.started", "time": answered})
+    plan = CallPlan(entry, "x", stream=stream, events=[
+        started,
+        _final(1, 100 + 200, 100 + 2840, int((t0 + 3.4) * 1000)),
+        _final(2, 100 + 3390, 100 + 10600, int((t0 + 11.0) * 1000)),  # covers manifest turns 2 and 3
+    ])
+    rows = measure_call(plan)
+    assert [r["turns_covered"] for r in rows] == [1, 2]
+    assert [r["speech_end_ms"] for r in rows] == [2690, 10460]
+    # last voiced sample 2689 ms is in packet 134, sent at t0 + 2.68 s
+    assert rows[0]["latency_ms"] == pytest.approx(3400 - 2680, abs=1)
+    assert rows[1]["latency_ms"] == pytest.approx(11000 - 10440, abs=1)
+    assert rows[0]["xread_latency_ms"] == pytest.approx(rows[0]["latency_ms"] + 2, abs=1)
