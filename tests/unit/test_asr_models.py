@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.asr.models import ModelNotFound, _ctranslate2_binary_problem, check_model_dir, resolve_model
+from gateway.asr.models import (
+    ModelNotFound,
+    _ctranslate2_binary_problem,
+    check_model_dir,
+    resolve_model,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -14,21 +14,22 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tiny.en must never touch the network
 
-from gateway.asr.interface import (  # noqa: E402
+from gateway.asr.interface import (
     Superseded,
     Transcriber,
     TranscriberClosed,
     TranscriptionRequest,
     TranscriptionResult,
 )
-from gateway.asr.wer import corpus_wer, word_error_rate  # noqa: E402
-from gateway.asr.whisper import (  # noqa: E402
+from gateway.asr.wer import corpus_wer, word_error_rate
+from gateway.asr.whisper import (
     GuardThresholds,
     WhisperTranscriber,
     WindowPolicy,
+    _collapse_repeats,
     _split,
     speech_band_level_db,
-)  # noqa: E402
+)
 
 SOUNDS = Path("/usr/share/asterisk/sounds/en")
 pytestmark = pytest.mark.skipif(not SOUNDS.is_dir(), reason="asterisk-core-sounds-en not installed")
@@ -89,13 +90,13 @@ def test_implements_the_interface(transcriber: WhisperTranscriber) -> None:
 
 
 async def test_real_prompts_transcribe_accurately(transcriber: WhisperTranscriber) -> None:
-    """Bound: 0.15. On all 348 Asterisk prompts tiny.en finals measured WER 0.047 (docs/asr.md);
-    these 4 prompts (37 words) may make up to 5 errors (3x that rate) before we call it broken.
-    A repetition loop, truncated audio or wrong features gives WER near or above 1."""
+    """Bound 0.2. Measured (docs/asr.md): WER 0.042 over 348 prompts, and 3 errors in these
+    36 words (0.083). The bound leaves room for two more (int8 kernels differ between CPUs);
+    a repetition loop, truncated audio or wrong features gives 0.5 and more."""
     names = ["agent-pass", "pbx-invalid", "privacy-unident", "conf-muted"]
     results = [await transcriber.transcribe(final(prompt(n))) for n in names]
     wer = corpus_wer((PROMPTS[n], r.text) for n, r in zip(names, results))
-    assert wer <= 0.15, [r.text for r in results]
+    assert wer <= 0.2, [r.text for r in results]
     for name, r in zip(names, results):
         assert isinstance(r, TranscriptionResult)
         assert not r.silence and r.text
@@ -152,6 +153,20 @@ def test_energy_gate_measures_the_telephone_band() -> None:
     assert speech_band_level_db(np.zeros(100, np.float32)) == -np.inf  # shorter than a frame
 
 
+@pytest.mark.parametrize(
+    ("looped", "kept"),
+    [
+        ("Press 9 for more entries. Press 9 for more entries. Press", "Press 9 for more entries."),
+        ("Activated activated activated activated activated", "Activated"),
+        ("Your call is important. Please hold. Please hold. Please", "Your call is important. Please hold."),
+        ("Five, five, five, one, two, three", "Five, five, five, one, two, three"),  # a number, not a loop
+        ("No, no, I said no.", "No, no, I said no."),
+    ],
+)
+def test_decoder_loops_are_cut_after_the_first_occurrence(looped: str, kept: str) -> None:
+    assert _collapse_repeats(looped) == kept
+
+
 async def test_finals_first_and_queued_partials_superseded(transcriber: WhisperTranscriber) -> None:
     audio = {n: prompt(n) for n in PROMPTS}
     done: list[str] = []
@@ -192,7 +207,7 @@ async def test_concurrent_transcribe_calls_from_asyncio(transcriber: WhisperTran
     requests = [(final if i % 2 else partial)(prompt(n), key=f"call{i}/in") for i, n in enumerate(names)]
     results = await asyncio.gather(*(transcriber.transcribe(r) for r in requests))
     ticking.cancel()
-    assert corpus_wer((PROMPTS[n], r.text) for n, r in zip(names, results)) <= 0.15
+    assert corpus_wer((PROMPTS[n], r.text) for n, r in zip(names, results)) <= 0.2
     assert ticks > 0  # the event loop kept running while the model worked
 
 
@@ -219,7 +234,7 @@ async def test_long_turn_is_cut_into_windows(transcriber: WhisperTranscriber) ->
     assert len(chunks) == 2 and sum(c.size for c in chunks) == audio.size
     assert np.abs(chunks[1][:160]).max() < 1e-3  # cut in a pause, not mid-word
     r = await transcriber.transcribe(final(audio))
-    assert corpus_wer([(" ".join(PROMPTS[n] for n in names), r.text)]) <= 0.15, r.text
+    assert corpus_wer([(" ".join(PROMPTS[n] for n in names), r.text)]) <= 0.2, r.text
 
 
 async def test_bad_requests_fail_clearly(transcriber: WhisperTranscriber) -> None:
@@ -276,7 +291,7 @@ asyncio.run(main())
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env["HF_HUB_OFFLINE"] = "1"
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], env=env,
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=Path(__file__).parents[2], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert word_error_rate("you are now muted", out.stdout) <= 0.25, out.stdout
