@@ -73,8 +73,8 @@ def default_dialplan(settings: Settings) -> Dialplan:
 
 def resolve_compute_type(compute_type: str, device: str) -> str:
     """"default": float16 on a GPU, int8 on a CPU. The packaged models are stored as
-    float16, which CTranslate2 would otherwise run as float32 on a CPU: about 4x slower
-    than int8 here for the same text (measured in docs/asr.md)."""
+    float16, which CTranslate2 would otherwise run as float32 on a CPU: 1.5-2x slower
+    than int8 for the same accuracy (docs/asr.md)."""
     if compute_type != "default":
         return compute_type
     if device == "cpu":

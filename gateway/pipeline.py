@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .asr.interface import Superseded, Transcriber, TranscriptionRequest, TranscriptionResult
+from .asr.interface import Superseded, TranscriberClosed, Transcriber, TranscriptionRequest, TranscriptionResult
 from .events import TURN_FINAL, TURN_PARTIAL, Event, EventFactory
 from .media.resample import upsample_8k_to_16k
 from .media.turn import (
@@ -246,7 +246,7 @@ class LegPipeline:
     async def _publish_partial(self, event: PartialDue) -> None:
         try:
             result = await self._transcribe(event.audio, "partial")
-        except (Superseded, asyncio.CancelledError):
+        except (Superseded, TranscriberClosed, asyncio.CancelledError):
             return
         except Exception:
             log.exception("partial ASR failed for %s", self.key)
