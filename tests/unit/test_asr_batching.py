@@ -1,0 +1,145 @@
+"""Cross-call batching and the overload window in WhisperTranscriber, on tiny.en and real prompts."""
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tiny.en must never touch the network
+
+from gateway.asr.interface import Superseded, TranscriptionRequest
+from gateway.asr.wer import word_error_rate
+from gateway.asr.whisper import WhisperTranscriber
+from tests.unit.test_asr_whisper import PROMPTS, SOUNDS, final, partial, prompt
+
+pytestmark = pytest.mark.skipif(not SOUNDS.is_dir(), reason="asterisk-core-sounds-en not installed")
+
+NAMES = ["agent-pass", "pbx-invalid", "privacy-unident", "conf-muted", "vm-goodbye", "auth-thankyou"]
+
+
+def make(**kw: object) -> WhisperTranscriber:
+    return WhisperTranscriber("tiny.en", compute_type="int8", cpu_threads=2, local_files_only=True, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def transcriber():
+    t = make(max_batch=8, overload_backlog=0)
+    yield t
+    asyncio.run(t.close())
+
+
+@pytest.mark.parametrize("kind", ["final", "partial"])  # 30 s window / short windows under "auto"
+def test_batched_decode_gives_the_unbatched_results(transcriber: WhisperTranscriber, kind: str) -> None:
+    """One batch holding speech of several lengths (so several short windows), a request with a
+    prompt (a different prompt length: its own group) and noise (stopped by the energy gate)
+    gives, slot by slot, what each request gives alone."""
+    engine = transcriber._engine
+    requests = [TranscriptionRequest(prompt(n), kind) for n in NAMES]  # type: ignore[arg-type]
+    requests.insert(2, TranscriptionRequest(prompt("vm-goodbye"), kind, prompt="Please enter your password."))  # type: ignore[arg-type]
+    requests.insert(4, TranscriptionRequest(np.zeros(32000, np.float32), kind))  # type: ignore[arg-type]
+    batched = engine.transcribe_batch(requests, "tiny.en")
+    alone = [engine.transcribe_batch([r], "tiny.en")[0] for r in requests]
+    for b, a in zip(batched, alone):
+        assert not isinstance(b, BaseException) and not isinstance(a, BaseException)
+        assert (b.text, b.silence) == (a.text, a.silence)
+        assert b.avg_logprob == pytest.approx(a.avg_logprob, abs=1e-4)
+        assert b.no_speech_prob == pytest.approx(a.no_speech_prob, abs=1e-4)
+    assert batched[4].silence
+    texts = [r.text for i, r in enumerate(batched) if i not in (2, 4)]
+    for name, text in zip(NAMES, texts):
+        assert word_error_rate(PROMPTS[name], text) <= 0.25, (name, text)
+
+
+async def test_queued_finals_share_calls_in_fifo_order() -> None:
+    t = make(max_batch=4, overload_backlog=0)
+    try:
+        done: list[str] = []
+        futures = {}
+        with t._lock:  # hold the workers off until the whole queue is in place
+            for label, request in [
+                ("partial A1", partial(prompt("agent-pass"), key="a")),
+                ("final 1", final(prompt("conf-muted"), key="b")),
+                ("partial A2", partial(prompt("pbx-invalid"), key="a")),  # supersedes A1
+                ("final 2", final(prompt("vm-goodbye"), key="c")),
+                ("final 3", final(prompt("privacy-unident"), key="d")),
+                ("partial E", partial(prompt("vm-goodbye"), key="e")),  # 10 s window, like A2
+                ("final 4", final(prompt("auth-thankyou"), key="a")),  # final after A2: A2 superseded
+                ("final 5", final(prompt("agent-pass"), key="f")),
+            ]:
+                futures[label] = t.submit(request)
+                futures[label].add_done_callback(lambda _, label=label: done.append(label))
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures.values()), return_exceptions=True)
+        outcome = dict(zip(futures, results))
+        assert done == ["partial A1", "partial A2", "final 1", "final 2", "final 3", "final 4", "final 5", "partial E"]
+        assert isinstance(outcome["partial A1"], Superseded) and isinstance(outcome["partial A2"], Superseded)
+        # Finals 1-4 in one call, final 5 in the next, partial E alone.
+        assert (t.batches, t.batched, t.overloaded) == (3, 4, 0)
+        for label, name in [("final 1", "conf-muted"), ("final 2", "vm-goodbye"), ("final 3", "privacy-unident"),
+                            ("final 4", "auth-thankyou"), ("final 5", "agent-pass"), ("partial E", "vm-goodbye")]:
+            assert word_error_rate(PROMPTS[name], outcome[label].text) <= 0.25, (label, outcome[label])
+    finally:
+        await t.close()
+
+
+async def test_an_incompatible_request_at_the_head_ends_the_batch() -> None:
+    """Only the head of the queue joins a batch: a final with a prompt (other prompt length)
+    between two plain finals gives three calls, in submission order."""
+    t = make(max_batch=4, overload_backlog=0)
+    try:
+        done: list[str] = []
+        with t._lock:
+            futures = [
+                t.submit(final(prompt("conf-muted"))),
+                t.submit(final(prompt("vm-goodbye"), prompt="Please enter your password.")),
+                t.submit(final(prompt("agent-pass"))),
+            ]
+            for i, f in enumerate(futures):
+                f.add_done_callback(lambda _, i=i: done.append(str(i)))
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        assert done == ["0", "1", "2"] and (t.batches, t.batched) == (3, 0)
+        assert word_error_rate(PROMPTS["vm-goodbye"], results[1].text) == 0.0
+        # A lone request on an idle queue is a batch of one: nothing waits for company.
+        await t.transcribe(final(prompt("conf-muted")))
+        assert (t.batches, t.batched) == (4, 0)
+    finally:
+        await t.close()
+
+
+async def test_overload_backlog_switches_finals_to_the_short_window() -> None:
+    """With overload_backlog=2 and 4 queued finals, the first two (taken while 4 and 3 were
+    waiting) run with the short window and the last two with 30 s. The same audio gives
+    measurably different scores in the two windows, which is what tells them apart."""
+    audio = prompt("privacy-unident")
+    t = make(max_batch=1, overload_backlog=2)
+    try:
+        short, full = (t._engine.transcribe_batch([final(audio)], "tiny.en", overloaded=o)[0] for o in (True, False))
+        assert not isinstance(short, BaseException) and not isinstance(full, BaseException)
+        assert short.avg_logprob != pytest.approx(full.avg_logprob, abs=1e-4)
+        with t._lock:
+            futures = [t.submit(final(audio, key=f"call{i}/in")) for i in range(4)]
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        assert t.overloaded == 2
+        for r, expected in zip(results, [short, short, full, full]):
+            assert r.avg_logprob == pytest.approx(expected.avg_logprob, abs=1e-4)
+            assert r.text == expected.text
+    finally:
+        await t.close()
+    off = make(max_batch=1, overload_backlog=0)
+    try:
+        with off._lock:
+            futures = [off.submit(final(audio)) for _ in range(3)]
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        assert off.overloaded == 0
+        assert all(r.avg_logprob == pytest.approx(full.avg_logprob, abs=1e-4) for r in results)
+    finally:
+        await off.close()
+
+
+def test_bad_batching_settings_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="max_batch must be an integer of at least 1"):
+        make(max_batch=0)
+    with pytest.raises(ValueError, match="overload_backlog must be an integer of at least 0"):
+        make(overload_backlog=-1)
+    with pytest.raises(ValueError, match="max_batch"):
+        make(max_batch=2.5)
