@@ -33,8 +33,11 @@ __all__ = [
     "TurnStarted",
 ]
 
-#: A turn that hits ``max_turn_s`` is cut at the quietest chunk of this last stretch.
-SPLIT_WINDOW_S = 2.0
+#: A turn that hits ``max_turn_s`` is cut at the quietest chunk of this last stretch:
+#: long enough to usually hold a breath between sentences, so no word is cut in two.
+SPLIT_WINDOW_S = 4.0
+#: ... but at most half the maximum turn length, and max_turn_s must exceed this.
+MIN_MAX_TURN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ class TurnConfig:
                 f"need pad_after_ms <= speculative_ms < silence_ms, got "
                 f"{self.pad_after_ms}, {self.speculative_ms}, {self.silence_ms}"
             )
-        if not (math.isfinite(self.max_turn_s) and self.max_turn_s > SPLIT_WINDOW_S):
-            raise ValueError(f"max_turn_s must be > {SPLIT_WINDOW_S} (the split window), got {self.max_turn_s}")
+        if not (math.isfinite(self.max_turn_s) and self.max_turn_s > MIN_MAX_TURN_S):
+            raise ValueError(f"max_turn_s must be > {MIN_MAX_TURN_S}, got {self.max_turn_s}")
 
     @property
     def negative_threshold(self) -> float:
@@ -152,7 +155,7 @@ class TurnDetector:
         self._speculative = round(cfg.speculative_ms * ms)
         self._max_turn = round(cfg.max_turn_s * sample_rate)
         self._partial = round(cfg.partial_interval_ms * ms)
-        self._split_window = round(SPLIT_WINDOW_S * sample_rate)
+        self._split_window = round(min(SPLIT_WINDOW_S, self.config.max_turn_s / 2) * sample_rate)
 
         # Audio: self._buf[self._head:self._tail] holds samples from self._buf_start on.
         self._buf = np.zeros(max(self._pad_before, 1024), dtype=np.int16)
@@ -170,7 +173,10 @@ class TurnDetector:
         self._ending_sent = False
         self._continued = False  # started by a max-length split: too late to discard
         self._next_partial = 0
-        self._recent: deque[tuple[int, int, float]] = deque()  # (start, end, prob) within the split window
+        # (start, end, (prob to 0.1, energy)) within the split window: the split goes where
+        # speech is least likely; in fluent speech, where VAD probabilities saturate, to the
+        # quietest chunk
+        self._recent: deque[tuple[int, int, tuple[float, float]]] = deque()
 
     # -- public API -------------------------------------------------------
 
@@ -214,12 +220,12 @@ class TurnDetector:
         events: list[TurnEvent] = []
         if self._turn is None:
             if probability >= self._threshold:
-                self._open(start, end, probability, events)
+                self._open(start, end, _quietness(chunk, probability), events)
             else:
                 self._trim_to(end - self._pad_before)
             return events
 
-        self._recent.append((start, end, probability))
+        self._recent.append((start, end, _quietness(chunk, probability)))
         while self._recent[0][0] < end - self._split_window:
             self._recent.popleft()
 
@@ -238,12 +244,12 @@ class TurnDetector:
 
     # -- state transitions ------------------------------------------------
 
-    def _open(self, start: int, end: int, probability: float, events: list[TurnEvent]) -> None:
+    def _open(self, start: int, end: int, quietness: tuple[float, float], events: list[TurnEvent]) -> None:
         # The buffer was trimmed at the previous turn's end, so pre-roll never overlaps it.
         turn_start = max(start - self._pad_before, self._buf_start)
         self._trim_to(turn_start)
         self._begin(turn_start, start, end, continued=False, events=events)
-        self._recent.append((start, end, probability))
+        self._recent.append((start, end, quietness))
 
     def _begin(self, turn_start: int, speech_start: int, voiced_end: int, *, continued: bool, events: list[TurnEvent]) -> None:
         self._turn = self._next_turn
@@ -360,3 +366,9 @@ class TurnDetector:
     def _audio(self, start: int, end: int) -> np.ndarray:
         offset = self._head - self._buf_start
         return self._buf[start + offset : end + offset].copy()
+
+
+def _quietness(chunk: np.ndarray, probability: float) -> tuple[float, float]:
+    """Sort key for split points: speech probability (to 0.1), then mean energy."""
+    samples = chunk.astype(np.float32)
+    return (round(probability, 1), float(np.dot(samples, samples)) / max(1, samples.size))

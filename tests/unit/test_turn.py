@@ -414,3 +414,16 @@ def test_event_invariants(runs, flush):
             open_turn = None
     if flush:
         assert open_turn is None
+
+
+def test_max_length_split_in_fluent_speech_goes_to_the_quietest_chunk():
+    """VAD saturates in fluent speech: equal probabilities, so the audio's energy decides."""
+    det = TurnDetector(TurnConfig(max_turn_s=3.0, partial_interval_ms=0))
+    loud = (np.sin(np.arange(CHUNK) / 3.0) * 8000).astype(np.int16)
+    quiet = (loud // 40).astype(np.int16)  # a breath between words
+    events = []
+    for i in range(94):
+        events += det.feed(quiet if i == 80 else loud, 0.97)
+    finals = [e for e in events if isinstance(e, TurnFinal)]
+    assert len(finals) == 1 and finals[0].reason == "max_length"
+    assert finals[0].end_sample == 80 * CHUNK + CHUNK // 2
