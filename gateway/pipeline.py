@@ -44,6 +44,19 @@ CHUNK = 256  # 32 ms at 8 kHz: Silero's chunk size
 CHUNK_BYTES = CHUNK * 2
 
 
+# Input samples (8 kHz) on each side that a resampler's output depends on: the polyphase
+# filter reaches 32, ratecv 1; 512 (64 ms) leaves room for soxr's longer filter.
+RESAMPLE_MARGIN = 512
+
+
+@dataclass
+class _Resampled:
+    turn: int
+    start_sample: int
+    samples: int  # 8 kHz input samples resampled
+    out: np.ndarray  # their 16 kHz float32 samples
+
+
 @dataclass
 class _Speculation:
     start_sample: int
@@ -95,6 +108,7 @@ class LegPipeline:
         self._partials_published: dict[int, int] = {}
         self._speculations: dict[int, _Speculation] = {}
         self._final_chain: asyncio.Task[None] | None = None
+        self._resampled: _Resampled | None = None
         self._partial_tasks: set[asyncio.Task[None]] = set()
         self._finalised_through = -1  # highest detector turn whose final is decided
         self.turns_published = 0
@@ -138,7 +152,7 @@ class LegPipeline:
                 self._start_partial(event)
         elif isinstance(event, TurnEnding):
             self._cancel_speculation(event.turn)
-            task = asyncio.create_task(self._transcribe(event.audio, "final"))
+            task = asyncio.create_task(self._transcribe(event, "final"))
             self._speculations[event.turn] = _Speculation(event.start_sample, event.end_sample, task)
         elif isinstance(event, TurnResumed):
             self._cancel_speculation(event.turn)
@@ -184,7 +198,7 @@ class LegPipeline:
         else:
             if spec is not None:
                 spec.task.cancel()
-            task = asyncio.create_task(self._transcribe(event.audio, "final"))
+            task = asyncio.create_task(self._transcribe(event, "final"))
         self._finalised_through = max(self._finalised_through, event.turn)
         seq = self._seq(event.turn)
         speech_end = self._speech_end_time(event.end_sample)
@@ -245,7 +259,7 @@ class LegPipeline:
 
     async def _publish_partial(self, event: PartialDue) -> None:
         try:
-            result = await self._transcribe(event.audio, "partial")
+            result = await self._transcribe(event, "partial")
         except (Superseded, TranscriberClosed, asyncio.CancelledError):
             return
         except Exception:
@@ -271,11 +285,26 @@ class LegPipeline:
         data.update(_result_fields(result))
         self._publish(self._events.make(TURN_PARTIAL, data, leg=self.leg))
 
-    async def _transcribe(self, audio: np.ndarray, kind: str) -> TranscriptionResult:
-        samples = upsample_8k_to_16k(audio, method=self._resampler)
+    async def _transcribe(self, event: PartialDue | TurnEnding | TurnFinal, kind: str) -> TranscriptionResult:
+        samples = self._upsampled(event.turn, event.start_sample, event.audio)
         request = TranscriptionRequest(audio=samples, kind=kind, language=self._language,  # type: ignore[arg-type]
                                        key=self.key)
         return await self._transcriber.transcribe(request)
+
+    def _upsampled(self, turn: int, start_sample: int, audio: np.ndarray) -> np.ndarray:
+        """The turn's audio at 16 kHz. Partials and the final of a turn share its start and
+        grow at the end, so only the new audio (plus a margin the filter reaches across) is
+        resampled: each sample once per turn instead of once per request."""
+        cache = self._resampled
+        if cache is None or cache.turn != turn or cache.start_sample != start_sample or audio.size < cache.samples:
+            out = upsample_8k_to_16k(audio, method=self._resampler)
+        else:
+            settled = max(0, cache.samples - RESAMPLE_MARGIN)  # outputs before 2*settled are final
+            tail_from = max(0, settled - RESAMPLE_MARGIN)  # input history the tail's first outputs need
+            tail = upsample_8k_to_16k(audio[tail_from:], method=self._resampler)
+            out = np.concatenate((cache.out[: 2 * settled], tail[2 * (settled - tail_from):]))
+        self._resampled = _Resampled(turn, start_sample, audio.size, out)
+        return out
 
     # -- end of the leg
     def finish_input(self, now: float) -> None:

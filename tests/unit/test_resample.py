@@ -83,3 +83,26 @@ def test_measure_reports_every_method():
     costs = measure(seconds=0.5, repeats=1)
     assert set(costs) == set(RESAMPLERS)
     assert all(cost >= 0 for cost in costs.values())
+
+
+@pytest.mark.parametrize("method", ["polyphase", "ratecv"])
+def test_pipeline_incremental_resampling_equals_whole_buffer(method):
+    """The leg pipeline resamples a growing turn incrementally; the result must equal
+    resampling the whole turn at once."""
+    from gateway.events import CallInfo, EventFactory
+    from gateway.media.turn import TurnConfig
+    from gateway.pipeline import LegPipeline
+
+    leg = LegPipeline(key="k", leg="caller", events=EventFactory(CallInfo("c", "s", "a", "b", 0.0)),
+                      publish=lambda e: None, transcriber=None, turn_config=TurnConfig(), language=None,
+                      resampler=method)
+    rng = np.random.default_rng(7)
+    audio = (rng.standard_normal(8000 * 6) * 4000).astype(np.int16)
+    for n in (3000, 8000, 8100, 20000, 48000):  # partials growing, then the final
+        got = leg._upsampled(1, 1234, audio[:n])
+        want = upsample_8k_to_16k(audio[:n], method=method)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # another turn starts afresh
+    got = leg._upsampled(2, 60000, audio[:500])
+    np.testing.assert_allclose(got, upsample_8k_to_16k(audio[:500], method=method), atol=1e-6)
