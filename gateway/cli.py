@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+from typing import Callable
 
 from . import __version__
 from .config import ConfigError, Settings, describe, load_settings
@@ -53,6 +54,21 @@ async def _run(settings: Settings) -> int:
     return 0
 
 
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where available ("auto"): its datagram path costs a fraction of asyncio's
+    per packet, which is what bounds calls per core (bench/RESULTS.md)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            print("earshot: event_loop is 'uvloop' but uvloop is not installed", file=sys.stderr)
+            raise SystemExit(2) from None
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="earshot", description="Real-time speech transcription gateway")
     parser.add_argument("--version", action="version", version=f"earshot {__version__}")
@@ -81,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args, sip_port=args.sip_port, http_port=args.http_port)
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return asyncio.run(_run(settings))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            return runner.run(_run(settings))
     if args.command == "tail":
         from .tail import tail as run_tail
 

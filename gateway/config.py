@@ -91,6 +91,8 @@ class Settings:
     web_cookie_secure: bool = False  # true when the dashboard is served over HTTPS (behind a TLS proxy)
     web_live_window_s: float = 14_400.0  # on start, rebuild the live board from this much of the event stream
     web_sse_queue: int = 256  # events buffered per SSE connection; a client further behind is disconnected
+    # process
+    event_loop: str = "auto"  # auto: uvloop if installed, else asyncio; or "asyncio" / "uvloop"
     # routing and logging
     dialplan: str = ""  # path; empty: dialplans/default.yaml if present, else accept every call
     log_level: str = "info"
@@ -124,6 +126,7 @@ class Settings:
         _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level",
                "must be one of debug, info, warning, error")
         _check(self.asr_workers >= 1, "asr_workers", "must be at least 1")
+        _check(self.event_loop in ("auto", "asyncio", "uvloop"), "event_loop", "must be auto, asyncio or uvloop")
         _check(self.database_url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql")
                and "://" in self.database_url, "database_url",
                "must be sqlite:///FILE or postgresql+psycopg://USER:PASSWORD@HOST/DBNAME")

@@ -21,7 +21,7 @@ import itertools
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from gateway.sip.events import Event, MalformedMessage, Peer, Transmit
 from gateway.sip.framing import FramingError, StreamFramer
@@ -65,8 +65,8 @@ class _TcpConnection(asyncio.Protocol):
         self._pongs = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's does not subclass asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername") or ("", 0)
         self.id = self.endpoint._register(self)
         self.peer = Peer("tcp", peername[0], peername[1], self.id)

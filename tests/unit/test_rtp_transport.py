@@ -182,3 +182,12 @@ async def test_socket_feeds_a_receiver_end_to_end():
         rtp.close()
     assert [c.start_sample for c in chunks] == [160 * i for i in range(20)]
     assert receiver.stats.packets == 20 and receiver.stats.lost_packets == 0
+
+
+@pytest.fixture(params=["asyncio", "uvloop"], autouse=True)
+def event_loop_policy(request):
+    """Every test here runs on both loops: `earshot run` uses uvloop where installed."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()

@@ -202,3 +202,12 @@ async def test_failing_event_handler_does_not_stall_the_server(server: tuple[Sip
     transport.sendto(request("OPTIONS", "UDP", port, branch="z9hG4bKafter"))
     assert (await udp.recv()).status == 200  # type: ignore[union-attr]
     transport.close()
+
+
+@pytest.fixture(params=["asyncio", "uvloop"], autouse=True)
+def event_loop_policy(request):
+    """Every test here runs on both loops: `earshot run` uses uvloop where installed."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
