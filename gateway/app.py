@@ -103,6 +103,8 @@ def build_transcriber(settings: Settings) -> Transcriber:
         workers=settings.asr_workers,
         window=window,
         local_files_only=settings.asr_local_files_only,
+        max_batch=settings.asr_max_batch,
+        overload_backlog=settings.asr_overload_backlog,
     )
 
 
@@ -569,6 +571,10 @@ class Gateway:
             "published_events": self.publisher.published,
             "dropped_partials": self.publisher.dropped_partials,
             **(self.persister.snapshot() if self.persister is not None else {}),
+            "asr_queued": float(getattr(self.transcriber, "queued", 0)),
+            "asr_batches": float(getattr(self.transcriber, "batches", 0)),
+            "asr_batched": float(getattr(self.transcriber, "batched", 0)),
+            "asr_overloaded": float(getattr(self.transcriber, "overloaded", 0)),
         }
 
     async def _health(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ class _SnapshotCollector(Collector):
         yield GaugeMetricFamily("earshot_publish_backlog", "Events waiting to reach Redis",
                                 value=s.get("publish_backlog", 0))
         yield GaugeMetricFamily("earshot_draining", "1 while shutting down", value=s.get("draining", 0))
+        yield GaugeMetricFamily("earshot_asr_queue", "ASR requests waiting", value=s.get("asr_queued", 0))
         if "persister_db_up" in s:
             yield GaugeMetricFamily("earshot_persister_db_up", "1 while the SQL store is reachable",
                                     value=s["persister_db_up"])
@@ -42,6 +43,9 @@ class _SnapshotCollector(Collector):
             ("sip_malformed", "Malformed SIP messages"),
             ("published_events", "Events written to Redis"),
             ("dropped_partials", "Partial transcripts dropped because the publish buffer was full"),
+            ("asr_batches", "Whisper model calls"),
+            ("asr_batched", "ASR requests that shared a model call with another call's"),
+            ("asr_overloaded", "Finals decoded with the short window because of a backlog"),
             ("persister_stored", "Events written to the SQL store"),
             ("persister_duplicates", "Replayed events the SQL store already had"),
             ("persister_poison", "Unreadable events skipped by the persister"),
