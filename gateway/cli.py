@@ -34,8 +34,20 @@ async def _run(settings: Settings) -> int:
         return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        # the first SIGTERM/SIGINT drains; a second one ends the drain at once
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            stop.set()
+        elif signals == 2:
+            print("earshot: second signal, ending active calls now", flush=True)
+            asyncio.ensure_future(gateway.drain(0))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await gateway.start()
     except OSError as exc:
@@ -46,8 +58,6 @@ async def _run(settings: Settings) -> int:
           f"{gateway.http.port if gateway.http else settings.http_port})", flush=True)
     await stop.wait()
     print("earshot: draining (new calls get 503)", flush=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the drain at once
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gateway.drain(0)))
     await gateway.drain()
     await gateway.close()
     print("earshot: stopped", flush=True)

@@ -9,6 +9,7 @@ stay outside it (no login, no session).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -47,7 +48,9 @@ class HttpServer:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                                 access_log=False)
         self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # the gateway owns signals
+        # The gateway owns SIGTERM/SIGINT (drain). uvicorn would otherwise take them over
+        # while serving and re-raise them when it stops, which ends a drain early.
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
