@@ -1,0 +1,64 @@
+import io
+import os
+import subprocess
+import sys
+import uuid
+
+import redis
+
+from gateway.events import CALL_ENDED, CALL_STARTED, TURN_FINAL, TURN_PARTIAL, CallInfo, EventFactory
+from gateway.tail import format_event, tail
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def publish(stream: str) -> None:
+    factory = EventFactory(CallInfo("call-0001", "sip-1", "sip:alice@pbx", "sip:support@earshot", 0.0))
+    client = redis.Redis.from_url(REDIS_URL)
+    for event in (
+        factory.make(CALL_STARTED),
+        factory.make(TURN_PARTIAL, {"turn": 1, "text": "please hold"}, leg="caller"),
+        factory.make(TURN_FINAL, {"turn": 1, "text": "Please hold the line."}, leg="caller",
+                     speech_end_monotonic=0.0),
+        factory.make(CALL_ENDED, {"reason": "bye", "duration_ms": 4200}),
+    ):
+        client.xadd(stream, event.to_fields())
+    client.close()
+
+
+def test_tail_prints_transcripts_from_the_stream():
+    stream = f"t-{uuid.uuid4().hex[:8]}:events"
+    publish(stream)
+    out = io.StringIO()
+    try:
+        assert tail(REDIS_URL, stream, from_start=True, count=3, out=out) == 0
+    finally:
+        redis.Redis.from_url(REDIS_URL).delete(stream)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3  # partials are skipped unless asked for
+    assert "call started" in lines[0] and "sip:alice@pbx -> sip:support@earshot" in lines[0]
+    assert "caller#1 Please hold the line." in lines[1] and "ms]" in lines[1]
+    assert "call ended" in lines[2] and "bye" in lines[2]
+
+
+def test_earshot_tail_command_with_partials_as_json():
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    publish(f"{prefix}:events")
+    env = dict(os.environ, EARSHOT_STREAM_PREFIX=prefix, EARSHOT_REDIS_URL=REDIS_URL)
+    try:
+        done = subprocess.run([sys.executable, "-m", "gateway", "tail", "--from-start", "--partials", "--json",
+                               "-n", "4"], capture_output=True, text=True, env=env, timeout=30)
+    finally:
+        redis.Redis.from_url(REDIS_URL).delete(f"{prefix}:events")
+    assert done.returncode == 0, done.stderr
+    assert [line.count('"type"') for line in done.stdout.splitlines()] == [1, 1, 1, 1]
+    assert '"turn.partial"' in done.stdout
+
+
+def test_unreadable_redis_is_reported_with_exit_code_1():
+    out = io.StringIO()
+    assert tail("redis://127.0.0.1:1/0", "x", count=1, out=out) == 1
+
+
+def test_format_skips_unknown_types():
+    assert format_event({"type": "something.else"}) is None
