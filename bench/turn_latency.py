@@ -30,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -44,10 +45,12 @@ from bench.common import (  # noqa: E402
     CallPlan,
     RtpSender,
     load_snapshot,
+    machine_busy_seconds,
     machine_description,
     metrics,
     now_utc,
     percentile,
+    process_cpu_seconds,
     start_gateway,
     write_section,
 )
@@ -120,6 +123,7 @@ def run_setting(silence_ms: int, concurrencies: list[int], variant: str, extra_e
         caller.run_call(CallPlan(get_entry(WARMUP), f"lat-{token}-warmup@127.0.0.1"), hold_ms=1000)
         for calls in concurrencies:
             load = load_snapshot()
+            t0, busy0, gw0 = time.monotonic(), machine_busy_seconds(), process_cpu_seconds(gw.proc.pid)
             plans = []
             if calls == 1:
                 for i, name in enumerate(FILES):
@@ -132,10 +136,14 @@ def run_setting(silence_ms: int, concurrencies: list[int], variant: str, extra_e
                         futures.append(pool.submit(caller.run_call, plan))
                         time.sleep(STAGGER_S)
                     plans = [f.result() for f in futures]
+            wall = time.monotonic() - t0
+            gateway_cores = (process_cpu_seconds(gw.proc.pid) - gw0) / wall
+            machine_cores = (machine_busy_seconds() - busy0) / wall
             rows = [row for plan in plans for row in measure_call(plan)]
             expected = sum(len(p.entry.turns) for p in plans)
             failed = [p.sip_call_id for p in plans if p.sipp_rc != 0 or not p.ended]
-            out["runs"][calls] = {"rows": rows, "expected_turns": expected, "failed_calls": failed, "load": load}
+            out["runs"][calls] = {"rows": rows, "expected_turns": expected, "failed_calls": failed, "load": load,
+                                  "gateway_cores": gateway_cores, "machine_cores": machine_cores}
             print(f"{variant}: silence {silence_ms} ms, {calls} calls: {len(rows)} finals for {expected} turns",
                   flush=True)
         out["metrics"] = {k: v for k, v in metrics(gw.http_port).items() if "latency" in k or "asr" in k}
@@ -163,7 +171,8 @@ def summarize(variant: str, silence_ms: int, calls: int, run: dict) -> tuple[str
     line = (f"| {variant} | {silence_ms} | {calls} | {len(rows)} of {run['expected_turns']} | **{s['p50']:.0f}** | {s['p95']:.0f} "
             f"| **{s['p50'] - silence_ms:.0f}** | {s['p95'] - silence_ms:.0f} | {s['xread_p50']:.0f} / "
             f"{s['xread_p95']:.0f} | {s['own_p50']:.0f} / {s['own_p95']:.0f} | {s['asr_p50']:.0f} / "
-            f"{s['asr_p95']:.0f} | {speculative}/{len(rows)} | {other} | {len(run['failed_calls'])} |")
+            f"{s['asr_p95']:.0f} | {speculative}/{len(rows)} | {other} | {len(run['failed_calls'])} "
+            f"| {run['gateway_cores']:.2f} / {max(0.0, run['machine_cores'] - run['gateway_cores']):.2f} |")
     return line, s
 
 
@@ -211,18 +220,21 @@ variant and silence threshold. sipp signalling; media from bench/common.py's pac
 of every 20 ms packet. Calls: {', '.join(FILES)}; "1 call" = one after another, "8 calls" = 8 calls started
 {STAGGER_S * 1000:.0f} ms apart. End of speech = send time of the packet holding the fixture manifest's last
 voiced sample of the turn; arrival = the Redis entry id's ms timestamp. One warm-up call before measuring.
-Only finals with reason `silence` that match a manifest turn are counted.
+Only finals with reason `silence` that match a manifest turn are counted. The last column is CPU over the run
+(/proc): the gateway's, and the rest of the machine's (this script, sipp, other engineers' work).
 
-| variant | silence ms | calls | finals measured | p50 ms | p95 ms | p50 - silence | p95 - silence | XREAD-arrival p50 / p95 | gateway `latency_ms` p50 / p95 | ASR processing_ms p50 / p95 | speculative result used | other finals (not matched / not `silence`) | failed calls |
-|---|---:|---:|---|---:|---:|---:|---:|---|---|---|---|---:|---:|
+| variant | silence ms | calls | finals measured | p50 ms | p95 ms | p50 - silence | p95 - silence | XREAD-arrival p50 / p95 | gateway `latency_ms` p50 / p95 | ASR processing_ms p50 / p95 | speculative result used | other finals (not matched / not `silence`) | failed calls | cores: gateway / everything else |
+|---|---:|---:|---|---:|---:|---:|---:|---|---|---|---|---:|---:|---|
 {chr(10).join(lines)}
 
 {chr(10).join('- ' + v for v in verdicts)}
 
 Per-turn rows: bench/results/turn_latency.json.
 """
-    out_dir = BENCH / "results"
+    # experiments (--no-write) keep the recorded results intact
+    out_dir = Path(tempfile.mkdtemp(prefix="earshot-bench-")) if args.no_write else BENCH / "results"
     out_dir.mkdir(exist_ok=True)
+    print(f"raw results in {out_dir}")
     (out_dir / "turn_latency.json").write_text(json.dumps({"date": now_utc(), "command": command, "code": code,
                                                           "results": results}, indent=1, default=str),
                                                encoding="utf-8")

@@ -84,10 +84,12 @@ def test_percentile():
 
 def test_proc_readers():
     before = common.process_cpu_seconds(os.getpid())
+    busy_before = common.machine_busy_seconds()
     start = time.process_time()
     while time.process_time() - start < 0.15:
         pass
     assert common.process_cpu_seconds(os.getpid()) - before >= 0.1
+    assert common.machine_busy_seconds() - busy_before >= 0.1  # this process's work counts machine-wide
     udp = common.udp_counters()
     assert {"InDatagrams", "InErrors", "RcvbufErrors"} <= set(udp)
 
