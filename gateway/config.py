@@ -73,8 +73,8 @@ class Settings:
     silence_ms: int = 500
     min_speech_ms: int = 250
     pad_before_ms: int = 300
-    pad_after_ms: int = 150
-    speculative_ms: int = 200
+    pad_after_ms: int = 100
+    speculative_ms: int = 100
     max_turn_s: float = 20.0
     partial_interval_ms: int = 1000
     # SQL store (transcripts for the dashboard) and the persister that fills it

@@ -180,8 +180,10 @@ class LegPipeline:
         speech_end = max(0, end_sample - pad - 1)
         index = speech_end // CHUNK
         base = self._processed - len(self._arrivals)
+        # the chunk arrived with its last sample: step back to the speech end inside it
+        after = ((index + 1) * CHUNK - speech_end) / SAMPLE_RATE
         if base <= index < self._processed:
-            return self._arrivals[index - base]
+            return self._arrivals[index - base] - after
         return self._arrivals[-1] if self._arrivals else self._clock()
 
     def _finalise(self, event: TurnFinal) -> None:
