@@ -54,6 +54,7 @@ from bench.common import (  # noqa: E402
     start_gateway,
     write_section,
 )
+from gateway.config import Settings  # noqa: E402
 from tests.fixtures_data import get_entry  # noqa: E402
 
 FILES = ["caller_01_voicemail_password.wav", "caller_02_conference.wav", "caller_03_greetings.wav",
@@ -206,6 +207,7 @@ def main() -> int:
                                 f"target of {TARGET_ABOVE_SILENCE_MS} ms)")
     described = "; ".join(f"`{name}` = " + (", ".join(f"{k}={v}" for k, v in env.items()) or "gateway defaults")
                           for name, env in variants)
+    _defaults = Settings()
     body = f"""## Turn latency: end of speech -> turn.final in Redis (bench/turn_latency.py)
 
 Command: `{command}`
@@ -214,8 +216,8 @@ Machine: {machine_description()}.
 Code: {code}.
 Load at the start of each run: {'; '.join(loads)}.
 
-Gateway defaults (tiny.en in process on CPU, partials on, speculative_ms 200, asr_threads 0 = CTranslate2's
-default, asr_workers 1) except EARSHOT_SILENCE_MS and the variant's settings: {described}. A fresh gateway per
+Gateway defaults (tiny.en in process on CPU, partials on, speculative_ms {_defaults.speculative_ms}, asr_threads {_defaults.asr_threads} = CTranslate2's
+default, asr_workers {_defaults.asr_workers}) except EARSHOT_SILENCE_MS and the variant's settings: {described}. A fresh gateway per
 variant and silence threshold. sipp signalling; media from bench/common.py's paced RTP sender, which records the send time
 of every 20 ms packet. Calls: {', '.join(FILES)}; "1 call" = one after another, "8 calls" = 8 calls started
 {STAGGER_S * 1000:.0f} ms apart. End of speech = send time of the packet holding the fixture manifest's last
