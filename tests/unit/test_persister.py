@@ -3,7 +3,6 @@
 import asyncio
 import json
 import random
-import uuid
 
 import pytest
 import redis
@@ -26,17 +25,6 @@ from tests.pg_server import (  # noqa: F401
 from tests.redis_server import RedisServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def prefix():
-    name = f"earshot-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def make_persister(store_url, stream, **kwargs) -> Persister:

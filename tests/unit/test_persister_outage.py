@@ -1,7 +1,6 @@
 """A private PostgreSQL server stops mid-stream while calls keep publishing."""
 
 import asyncio
-import uuid
 
 import pytest
 import redis
@@ -23,17 +22,6 @@ def private_pg():
     server = PrivatePostgres().start()
     yield server
     server.destroy()
-
-
-@pytest.fixture
-def prefix():
-    name = f"earshot-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 async def wait_for(predicate, timeout: float, what: str) -> None:

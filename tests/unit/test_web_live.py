@@ -2,9 +2,7 @@
 
 import asyncio
 import time
-import uuid
 
-import pytest
 import redis
 
 from gateway.events import CALL_ENDED, CALL_STARTED, TURN_FINAL, TURN_PARTIAL
@@ -14,17 +12,6 @@ from tests.pg_server import prompt_texts, recorded_call
 from tests.redis_server import RedisServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def prefix():
-    name = f"earshot-webtest-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def dicts(events):

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import time
-import uuid
 
 import httpx
 import pytest
@@ -22,17 +21,6 @@ from tests.pg_server import prompt_texts, recorded_call
 from tests.unit.test_web_live import publish, until
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def prefix():
-    name = f"earshot-ssetest-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture
