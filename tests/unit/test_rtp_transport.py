@@ -7,7 +7,14 @@ import pytest
 
 from gateway.rtp.packet import build_rtp
 from gateway.rtp.receiver import AudioChunk, RtpReceiver
-from gateway.rtp.transport import MAX_DATAGRAM, RECEIVE_BUFFER, NoFreePortError, RtpPortAllocator, open_rtp_socket
+from gateway.rtp.transport import (
+    MAX_DATAGRAM,
+    RECEIVE_BUFFER,
+    NoFreePortError,
+    RtpPortAllocator,
+    open_rtp_socket,
+)
+from tests.loops import both_loops
 
 HOST = "127.0.0.1"
 
@@ -184,10 +191,5 @@ async def test_socket_feeds_a_receiver_end_to_end():
     assert receiver.stats.packets == 20 and receiver.stats.lost_packets == 0
 
 
-@pytest.fixture(params=["asyncio", "uvloop"], autouse=True)
-def event_loop_policy(request):
-    """Every test here runs on both loops: `earshot run` uses uvloop where installed."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+# every test here runs on both loops: `earshot run` uses uvloop where installed
+event_loop_policy = both_loops()

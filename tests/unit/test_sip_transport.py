@@ -12,6 +12,7 @@ from gateway.sip.framing import StreamFramer
 from gateway.sip.message import NameAddress, SipRequest, SipResponse, Via, parse_message
 from gateway.sip.transport import SipEndpoint
 from gateway.sip.useragent import UserAgent
+from tests.loops import both_loops
 
 ANSWER = b"v=0\r\no=earshot 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
 OFFER = b"v=0\r\no=pbx 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\n"
@@ -204,10 +205,5 @@ async def test_failing_event_handler_does_not_stall_the_server(server: tuple[Sip
     transport.close()
 
 
-@pytest.fixture(params=["asyncio", "uvloop"], autouse=True)
-def event_loop_policy(request):
-    """Every test here runs on both loops: `earshot run` uses uvloop where installed."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+# every test here runs on both loops: `earshot run` uses uvloop where installed
+event_loop_policy = both_loops()
