@@ -10,7 +10,8 @@ SUDO=""
 # System packages: Python venv support, Redis (the event bus), and the tools the tests
 # and benchmarks use as independent peers (sipp, baresip) and to make test speech (sox, flite);
 # chromium for the dashboard's browser tests (Playwright drives it; it never downloads a browser).
-PKGS=(python3-venv python3-dev redis-server redis-tools sox flite sip-tester baresip chromium)
+PKGS=(python3-venv python3-dev redis-server redis-tools sox flite sip-tester baresip chromium
+      asterisk-core-sounds-en-wav asterisk-core-sounds-en)
 if [ "${1:-}" != "--no-apt" ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
