@@ -46,6 +46,8 @@ from .sip.useragent import UserAgent
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.02  # jitter-buffer release cadence
+# ReceiverStats fields summed over ended and active calls for /metrics
+RTP_TOTALS = ("packets", "lost_packets", "late", "duplicates", "foreign_dropped", "malformed", "rtcp")
 TIMEOUT_CHECK_INTERVAL = 0.5
 
 
@@ -166,7 +168,6 @@ class Gateway:
         self.persister: Any = None
         self.dashboard: Any = None
         self._ended_rtp: dict[str, int] = {}
-        self._closed = asyncio.Event()
 
     # -- life cycle
     async def start(self) -> None:
@@ -245,7 +246,6 @@ class Gateway:
             await self.dashboard.close()
         if self.transcriber is not None:
             await self.transcriber.close()
-        self._closed.set()
 
     # -- SIP events
     def _on_sip_event(self, event: object) -> None:
@@ -492,20 +492,20 @@ class Gateway:
             self.vad_runner.unregister(call.pipeline)
             await call.pipeline.close()
             stats = call.receiver.stats
-            for name in ("packets", "lost_packets", "late", "duplicates", "foreign_dropped", "malformed", "rtcp"):
-                self._ended_rtp[name] = self._ended_rtp.get(name, 0) + int(getattr(stats, name, 0))
+            for name in RTP_TOTALS:
+                self._ended_rtp[name] = self._ended_rtp.get(name, 0) + getattr(stats, name)
             self.publisher.publish(call.events.make(CALL_ENDED, {
                 "reason": reason,
                 "duration_ms": round((time.monotonic() - call.answered_at) * 1000),
                 "turns": call.pipeline.turns_published,
                 "dtmf": call.dtmf_count,
                 "rtp": {
-                    "packets": int(getattr(stats, "packets", 0)),
-                    "lost": int(getattr(stats, "lost_packets", 0)),
-                    "late": int(getattr(stats, "late", 0)),
-                    "duplicates": int(getattr(stats, "duplicates", 0)),
-                    "foreign_dropped": int(getattr(stats, "foreign_dropped", 0)),
-                    "malformed": int(getattr(stats, "malformed", 0)),
+                    "packets": stats.packets,
+                    "lost": stats.lost_packets,
+                    "late": stats.late,
+                    "duplicates": stats.duplicates,
+                    "foreign_dropped": stats.foreign_dropped,
+                    "malformed": stats.malformed,
                 },
             }))
             self.metrics.calls.labels(f"ended-{reason}").inc()
@@ -552,8 +552,8 @@ class Gateway:
         totals = dict(self._ended_rtp)
         for call in self.calls.values():
             stats = call.receiver.stats
-            for name in ("packets", "lost_packets", "late", "duplicates", "foreign_dropped", "malformed", "rtcp"):
-                totals[name] = totals.get(name, 0) + int(getattr(stats, name, 0))
+            for name in RTP_TOTALS:
+                totals[name] = totals.get(name, 0) + getattr(stats, name)
         return {
             "active_calls": len(self.calls),
             "publish_backlog": self.publisher.backlog,
