@@ -107,6 +107,7 @@ def build_transcriber(settings: Settings) -> Transcriber:
         local_files_only=settings.asr_local_files_only,
         max_batch=settings.asr_max_batch,
         overload_backlog=settings.asr_overload_backlog,
+        context_tokens=settings.asr_context_tokens,
     )
 
 
@@ -393,6 +394,7 @@ class Gateway:
             language=language,
             resampler=s.resampler,
             partials=s.asr_partials,
+            context=s.asr_context_tokens > 0,
             origin_ms=lambda: holder[0].origin_ms(),
             on_final=self._on_final,
         )

@@ -10,6 +10,11 @@ The final transcription starts speculatively as soon as the detector reports
 confirms the end: the silence threshold and the ASR run overlap instead of
 adding up. Finals are published strictly in turn order; a partial is dropped
 rather than published out of order.
+
+Each turn is decoded with the leg's earlier finals as context (the request's
+``prompt``), as offline transcription conditions each window on the text
+before it: a final waits for the previous turn's text, which it would wait
+for anyway to be published in order.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ SAMPLE_RATE = 8000
 CHUNK = 256  # 32 ms at 8 kHz: Silero's chunk size
 CHUNK_BYTES = CHUNK * 2
 
+
+# Context for the next turn: the last few finals' texts (the transcriber keeps only
+# its last tokens). A final that Whisper itself doubts is left out of it, so one bad
+# decode does not steer the next turn (faster-whisper drops its prompt likewise).
+CONTEXT_TURNS = 4
+CONTEXT_MIN_LOGPROB = -1.0
+CONTEXT_MAX_COMPRESSION = 2.4
 
 # Input samples (8 kHz) on each side that a resampler's output depends on: the polyphase
 # filter reaches 32, ratecv 1; 512 (64 ms) leaves room for soxr's longer filter.
@@ -79,6 +91,7 @@ class LegPipeline:
         language: str | None,
         resampler: str = "polyphase",
         partials: bool = True,
+        context: bool = True,
         origin_ms: Callable[[], float] = lambda: 0.0,
         on_final: Callable[[str, TranscriptionResult | None], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -92,6 +105,8 @@ class LegPipeline:
         self._language = language
         self._resampler = resampler
         self._partials = partials and turn_config.partial_interval_ms > 0
+        self._use_context = context
+        self._context: collections.deque[str] = collections.deque(maxlen=CONTEXT_TURNS)
         self._origin_ms = origin_ms
         self._on_final = on_final
         self._clock = clock
@@ -152,7 +167,7 @@ class LegPipeline:
                 self._start_partial(event)
         elif isinstance(event, TurnEnding):
             self._cancel_speculation(event.turn)
-            task = asyncio.create_task(self._transcribe(event, "final"))
+            task = asyncio.create_task(self._transcribe(event, "final", after=self._final_chain))
             self._speculations[event.turn] = _Speculation(event.start_sample, event.end_sample, task)
         elif isinstance(event, TurnResumed):
             self._cancel_speculation(event.turn)
@@ -200,7 +215,7 @@ class LegPipeline:
         else:
             if spec is not None:
                 spec.task.cancel()
-            task = asyncio.create_task(self._transcribe(event, "final"))
+            task = asyncio.create_task(self._transcribe(event, "final", after=self._final_chain))
         self._finalised_through = max(self._finalised_through, event.turn)
         seq = self._seq(event.turn)
         speech_end = self._speech_end_time(event.end_sample)
@@ -230,6 +245,7 @@ class LegPipeline:
                 await previous
             except Exception:
                 pass
+        self._remember(result)
         if self._on_final is not None:
             self._on_final(event.reason, result)
         text = result.text.strip() if result is not None else ""
@@ -287,11 +303,30 @@ class LegPipeline:
         data.update(_result_fields(result))
         self._publish(self._events.make(TURN_PARTIAL, data, leg=self.leg))
 
-    async def _transcribe(self, event: PartialDue | TurnEnding | TurnFinal, kind: str) -> TranscriptionResult:
+    async def _transcribe(
+        self, event: PartialDue | TurnEnding | TurnFinal, kind: str, after: asyncio.Task[None] | None = None
+    ) -> TranscriptionResult:
+        """``after``: the publication of the previous final, whose text is this turn's context.
+
+        Resampling happens first (the turn's audio is fixed), then the wait:
+        ``asyncio.wait`` neither raises the previous turn's error nor cancels
+        it when this (speculative) request is cancelled.
+        """
         samples = self._upsampled(event.turn, event.start_sample, event.audio)
+        if self._use_context and after is not None and not after.done():
+            await asyncio.wait((after,))
+        prompt = " ".join(self._context) if self._use_context and self._context else None
         request = TranscriptionRequest(audio=samples, kind=kind, language=self._language,  # type: ignore[arg-type]
-                                       key=self.key)
+                                       prompt=prompt, key=self.key)
         return await self._transcriber.transcribe(request)
+
+    def _remember(self, result: TranscriptionResult | None) -> None:
+        """Keep a final's text as context for the leg's next turns (in turn order)."""
+        if result is None or result.silence or not result.text.strip():
+            return
+        if result.avg_logprob < CONTEXT_MIN_LOGPROB or result.compression_ratio > CONTEXT_MAX_COMPRESSION:
+            return
+        self._context.append(result.text.strip())
 
     def _upsampled(self, turn: int, start_sample: int, audio: np.ndarray) -> np.ndarray:
         """The turn's audio at 16 kHz. Partials and the final of a turn share its start and

@@ -16,6 +16,12 @@ Three things matter for a live call and are handled here rather than by
 - Hallucinations. Whisper transcribes silence and hum as "Thank you." or
   "you"; a transcript of nothing is worse than no transcript, so an energy
   gate runs before the model and Whisper's own confidence signals after it.
+- Context. Offline transcription conditions each window on the text before
+  it; a call leg's turns are decoded one by one, so the call path passes the
+  leg's previous finals as the request's ``prompt``. Only its last
+  ``context_tokens`` tokens are used: a fixed length keeps the decode cost
+  bounded and lets requests of different calls share one batch (CTranslate2
+  needs equal prompt lengths in a batch).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ _MAX_WINDOW_S = 30.0  # Whisper's positional embeddings cover 1500 positions = 3
 _FRAMES_PER_S = 100  # mel hop of 10 ms
 _FULL_FRAMES = int(_MAX_WINDOW_S * _FRAMES_PER_S)
 _MAX_TOKENS = 448  # Whisper's decoder context
+_MAX_CONTEXT = _MAX_TOKENS // 2 - 1  # previous-text tokens Whisper's prompt can hold (get_prompt keeps these)
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ class _Window:
     language: str | None
     prompt: str | None
     frames: int
+    context: int = _MAX_CONTEXT  # at most this many of the prompt's last tokens
 
 
 @dataclass
@@ -212,6 +220,7 @@ class _Engine:
         policy: WindowPolicy,
         guard: GuardThresholds,
         local_files_only: bool,
+        context_tokens: int = 32,
     ) -> None:
         from faster_whisper import (
             WhisperModel,  # heavy import, only where a model is used
@@ -228,6 +237,8 @@ class _Engine:
         self.beam_size = beam_size
         self.policy = policy
         self.guard = guard
+        self.context_tokens = context_tokens
+        self._prompt_cache: dict[str, list[int]] = {}
         self.multilingual = self.model.model.is_multilingual
         self._tokenizers: dict[str, object] = {}
         self.fallbacks = 0  # short-window decodes redone with the full window
@@ -277,7 +288,13 @@ class _Engine:
 
         firsts = self.decode_batch(
             [
-                _Window(chunks[0], language, requests[slot].prompt, self.policy.frames(chunks[0].size / SAMPLE_RATE, kind))
+                _Window(
+                    chunks[0],
+                    language,
+                    requests[slot].prompt,
+                    self.policy.frames(chunks[0].size / SAMPLE_RATE, kind),
+                    self.context_tokens,
+                )
                 for slot, chunks, language, kind in plans
             ]
         )
@@ -285,30 +302,34 @@ class _Engine:
             request = requests[slot]
             heard: list[_Decoded] = []
             prompt = request.prompt
+            context = self.context_tokens  # the caller's context; later windows of the turn get the whole previous window
             try:
                 for i, chunk in enumerate(chunks):
                     if i == 0:
                         decoded = first
                     else:
                         frames = self.policy.frames(chunk.size / SAMPLE_RATE, kind)
-                        decoded = self.decode(chunk, language, prompt, frames)
-                    decoded = self._settle(decoded, chunk, language, prompt)
+                        decoded = self.decode(chunk, language, prompt, frames, context)
+                    decoded = self._settle(decoded, chunk, language, prompt, context)
                     if not self._is_silence(decoded):
                         heard.append(decoded)
                         prompt = decoded.text
+                        context = _MAX_CONTEXT
             except Exception as exc:  # noqa: BLE001  # one request's failure stays in its slot
                 results[slot] = exc
             else:
                 results[slot] = self._result(request, heard, language, model_name, started)
         return results  # type: ignore[return-value]  # every slot is filled above
 
-    def _settle(self, decoded: _Decoded, chunk: np.ndarray, language: str | None, prompt: str | None) -> _Decoded:
+    def _settle(
+        self, decoded: _Decoded, chunk: np.ndarray, language: str | None, prompt: str | None, context: int
+    ) -> _Decoded:
         """Second opinion for a looping short window, then cut what still loops."""
         if decoded.looping and decoded.frames < _FULL_FRAMES:
             # Short windows occasionally make the decoder repeat itself instead of
             # ending; the full 30 s window it was trained on rarely does.
             self.fallbacks += 1
-            decoded = self.decode(chunk, language, prompt, _FULL_FRAMES)
+            decoded = self.decode(chunk, language, prompt, _FULL_FRAMES, context)
         if decoded.runaway:
             text = _collapse_repeats(decoded.text)
             decoded = replace(decoded, text=text, compression_ratio=_compression_ratio(text))
@@ -352,9 +373,11 @@ class _Engine:
             silence=False,
         )
 
-    def decode(self, audio: np.ndarray, language: str | None, prompt: str | None, frames: int) -> _Decoded:
+    def decode(
+        self, audio: np.ndarray, language: str | None, prompt: str | None, frames: int, context: int = _MAX_CONTEXT
+    ) -> _Decoded:
         """One greedy (or beam) pass over at most one window (``frames`` mel frames) of audio."""
-        return self.decode_batch([_Window(audio, language, prompt, frames)])[0]
+        return self.decode_batch([_Window(audio, language, prompt, frames, context)])[0]
 
     def decode_batch(self, windows: Sequence[_Window]) -> list[_Decoded]:
         """Decode windows together where CTranslate2 allows it, results in input order.
@@ -363,7 +386,7 @@ class _Engine:
         frame count (one input tensor) and the same number of prompt tokens
         (CTranslate2 requires <|startoftranscript|> at the same position).
         """
-        previous = [self._previous_tokens(w.prompt) for w in windows]
+        previous = [self.previous_tokens(w.prompt, w.context) for w in windows]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, w in enumerate(windows):
             groups.setdefault((w.frames, len(previous[i])), []).append(i)
@@ -373,11 +396,17 @@ class _Engine:
                 decoded[i] = d
         return decoded  # type: ignore[return-value]
 
-    def _previous_tokens(self, prompt: str | None) -> list[int]:
-        if not prompt or not prompt.strip():
+    def previous_tokens(self, prompt: str | None, context: int = _MAX_CONTEXT) -> list[int]:
+        """The last ``context`` tokens of ``prompt`` (thread-safe: the cache is only a hint)."""
+        if not prompt or not prompt.strip() or context <= 0:
             return []
-        tokens = self.model.hf_tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids
-        return tokens[-(_MAX_TOKENS // 2 - 1) :]  # what get_prompt() keeps
+        tokens = self._prompt_cache.get(prompt)
+        if tokens is None:
+            tokens = self.model.hf_tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids
+            if len(self._prompt_cache) >= 256:
+                self._prompt_cache.clear()
+            self._prompt_cache[prompt] = tokens
+        return tokens[-min(context, _MAX_CONTEXT) :]
 
     def _decode_group(self, windows: Sequence[_Window], previous: Sequence[list[int]]) -> list[_Decoded]:
         from faster_whisper.transcribe import get_suppressed_tokens
@@ -537,13 +566,15 @@ class WhisperTranscriber:
 
     Cross-call batching: a worker that takes a request also takes up to
     ``max_batch - 1`` more from the head of the queue when they can share one
-    encode + generate call (same kind, window, language and prompt), which
+    encode + generate call (same kind, window, language and prompt length), which
     raised throughput by a measured 10-15 % on 2 CPU cores (docs/asr.md). It
     never waits for a batch to fill: an idle queue gives a batch of one, the
     unbatched path. Under overload (more than ``overload_backlog`` finals
     waiting; 0 = never) finals take the short window of partials, about 2.5x
     faster for +0.7 points WER, so latency stays bounded when finals arrive
-    faster than 30 s windows can be decoded.
+    faster than 30 s windows can be decoded. ``context_tokens``: how many of
+    the last tokens of a request's ``prompt`` (the leg's earlier text) the
+    decoder is conditioned on; 0 decodes every request on its own.
     """
 
     def __init__(
@@ -560,6 +591,7 @@ class WhisperTranscriber:
         guard: GuardThresholds | None = None,
         max_batch: int = 2,
         overload_backlog: int = 8,
+        context_tokens: int = 32,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -569,6 +601,8 @@ class WhisperTranscriber:
             raise ValueError(f"max_batch must be an integer of at least 1, got {max_batch!r}")
         if isinstance(overload_backlog, bool) or not isinstance(overload_backlog, int) or overload_backlog < 0:
             raise ValueError(f"overload_backlog must be an integer of at least 0 (0 = off), got {overload_backlog!r}")
+        if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or not 0 <= context_tokens <= _MAX_CONTEXT:
+            raise ValueError(f"context_tokens must be an integer from 0 to {_MAX_CONTEXT}, got {context_tokens!r}")
         self.name = f"whisper:{model}"
         self.model_name = model
         self.max_batch = max_batch
@@ -583,6 +617,7 @@ class WhisperTranscriber:
             policy=WindowPolicy.parse(window),
             guard=guard or GuardThresholds(),
             local_files_only=local_files_only,
+            context_tokens=context_tokens,
         )
         self._lock = threading.Condition()
         self._heap: list[tuple[int, int, _Job]] = []
@@ -634,14 +669,16 @@ class WhisperTranscriber:
             self._lock.notify()
         return job.future
 
-    def _batch_key(self, request: TranscriptionRequest, overloaded: bool) -> tuple[str, int, str | None, str]:
-        """Requests with equal keys can share one encode + generate call (same input shape and prompt)."""
-        policy = self._engine.policy
-        seconds = min(request.seconds, policy.max_chunk_seconds)  # a long turn's first window
+    def _batch_key(self, request: TranscriptionRequest, overloaded: bool) -> tuple[str, int, str | None, int]:
+        """Requests with equal keys can share one encode + generate call (same input shape
+        and prompt length; the prompts' texts may differ)."""
+        engine = self._engine
+        seconds = min(request.seconds, engine.policy.max_chunk_seconds)  # a long turn's first window
         kind = "partial" if overloaded else request.kind
-        return request.kind, policy.frames(seconds, kind), request.language, (request.prompt or "").strip()
+        prompt_length = len(engine.previous_tokens(request.prompt, engine.context_tokens))
+        return request.kind, engine.policy.frames(seconds, kind), request.language, prompt_length
 
-    def _pop(self, key: tuple[str, int, str | None, str] | None = None, overloaded: bool = False) -> _Job | None:
+    def _pop(self, key: tuple[str, int, str | None, int] | None = None, overloaded: bool = False) -> _Job | None:
         """The next runnable job; with ``key``, only if the head of the queue has that key.
 
         Only the head: taking a later compatible request past an incompatible

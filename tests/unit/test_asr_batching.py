@@ -51,6 +51,48 @@ def test_batched_decode_gives_the_unbatched_results(transcriber: WhisperTranscri
         assert word_error_rate(PROMPTS[name], text) <= 0.25, (name, text)
 
 
+CONTEXTS = [  # two legs' earlier text, both longer than the 32 tokens of context kept
+    "After the tone, say your name and then press the pound key. Please enter your new password followed "
+    "by the pound key. Please re-enter your password followed by the pound key. Your passwords have been changed.",
+    "Please enter the conference pin number. That pin is invalid for this conference. You are currently the "
+    "only participant in the conference. The conference is now being recorded. The leader has left the conference.",
+]
+
+
+def test_prompts_of_different_calls_share_a_batch(transcriber: WhisperTranscriber) -> None:
+    """Only the last 32 tokens of a prompt are used, so prompts of different texts have one
+    length and decode in one call, each slot as it decodes alone."""
+    engine = transcriber._engine
+    assert engine.context_tokens == 32
+    assert all(len(engine.previous_tokens(c, 32)) == 32 for c in CONTEXTS)
+    requests = [TranscriptionRequest(prompt(n), "final", prompt=c) for n, c in zip(["vm-goodbye", "conf-muted"], CONTEXTS)]
+    assert transcriber._batch_key(requests[0], False) == transcriber._batch_key(requests[1], False)
+    batched = engine.transcribe_batch(requests, "tiny.en")
+    alone = [engine.transcribe_batch([r], "tiny.en")[0] for r in requests]
+    for b, a, name in zip(batched, alone, ["vm-goodbye", "conf-muted"]):
+        assert not isinstance(b, BaseException) and not isinstance(a, BaseException)
+        assert b.text == a.text and b.avg_logprob == pytest.approx(a.avg_logprob, abs=1e-4)
+        assert word_error_rate(PROMPTS[name], b.text) <= 0.25, (name, b.text)
+    # the prompt reaches the decoder: the same audio scores differently without it
+    bare = engine.transcribe_batch([TranscriptionRequest(prompt("vm-goodbye"), "final")], "tiny.en")[0]
+    assert not isinstance(bare, BaseException)
+    assert bare.avg_logprob != pytest.approx(batched[0].avg_logprob, abs=1e-4)
+
+
+def test_context_tokens_zero_ignores_the_prompt() -> None:
+    t = make(context_tokens=0)
+    try:
+        assert t._engine.previous_tokens(CONTEXTS[0], t._engine.context_tokens) == []
+        with_prompt, without = t._engine.transcribe_batch(
+            [TranscriptionRequest(prompt("vm-goodbye"), "final", prompt=CONTEXTS[0]),
+             TranscriptionRequest(prompt("vm-goodbye"), "final")], "tiny.en")
+        assert not isinstance(with_prompt, BaseException) and not isinstance(without, BaseException)
+        assert with_prompt.text == without.text
+        assert with_prompt.avg_logprob == pytest.approx(without.avg_logprob, abs=1e-4)
+    finally:
+        asyncio.run(t.close())
+
+
 async def test_queued_finals_share_calls_in_fifo_order() -> None:
     t = make(max_batch=4, overload_backlog=0)
     try:
@@ -137,6 +179,9 @@ async def test_overload_backlog_switches_finals_to_the_short_window() -> None:
 
 
 def test_bad_batching_settings_fail_clearly() -> None:
+    for bad in (-1, 224, True, 1.5):
+        with pytest.raises(ValueError, match="context_tokens must be an integer from 0 to 223"):
+            make(context_tokens=bad)
     with pytest.raises(ValueError, match="max_batch must be an integer of at least 1"):
         make(max_batch=0)
     with pytest.raises(ValueError, match="overload_backlog must be an integer of at least 0"):

@@ -30,14 +30,31 @@ def transcriber():
     asyncio.run(t.close())
 
 
+class Recording:
+    """Passes requests to the real transcriber and keeps each (kind, prompt) it was sent."""
+
+    name = "recording"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.requests: list[tuple[str, str | None]] = []
+
+    async def transcribe(self, request):
+        self.requests.append((request.kind, request.prompt))
+        return await self.inner.transcribe(request)
+
+    async def close(self) -> None:
+        pass
+
+
 async def run_leg(transcriber, name: str, *, speed: float = 1.0, config: TurnConfig | None = None,
-                  partials: bool = True) -> list[Event]:
+                  partials: bool = True, context: bool = True) -> list[Event]:
     pcm, _rate = read_pcm16(name)
     published: list[Event] = []
     events = EventFactory(CallInfo("call-1", "sip-1", "sip:a@x", "sip:b@y", time.time()))
     pipeline = LegPipeline(key="call-1/caller", leg="caller", events=events, publish=published.append,
                            transcriber=transcriber, turn_config=config or TurnConfig(), language=None,
-                           partials=partials)
+                           partials=partials, context=context)
     runner = BatchedVadRunner(SileroVad())
     runner.register(pipeline)
     task = asyncio.create_task(runner.run())
@@ -77,6 +94,29 @@ async def test_turns_of_a_real_recording_are_transcribed_in_order(transcriber):
     for p in partials:
         later_final = next(f for f in finals if f.data["turn"] == p.data["turn"])
         assert published.index(p) < published.index(later_final)
+
+
+async def test_each_turn_is_decoded_with_the_legs_earlier_text(transcriber):
+    """Finals and partials of turn n carry the finals of turns < n as their prompt, in order,
+    even though each final starts speculatively before the previous one may be done."""
+    entry = get_entry("caller_05_mixed.wav")
+    recording = Recording(transcriber)
+    published = await run_leg(recording, entry.file, speed=2.0)
+    finals = [e.data["text"] for e in published if e.type == "turn.final"]
+    assert len(finals) == len(entry.turns) >= 4
+    final_prompts = [p for kind, p in recording.requests if kind == "final"]
+    # speculative finals cancelled by resumed speech may add requests; the last one of each turn counts
+    assert final_prompts[0] is None
+    for n in range(1, len(finals)):
+        expected = " ".join(finals[max(0, n - 4):n])
+        assert expected in final_prompts, (n, expected, final_prompts)
+    partial_prompts = [p for kind, p in recording.requests if kind == "partial"]
+    assert partial_prompts and all(p is None or p in {" ".join(finals[max(0, n - 4):n]) for n in range(1, len(finals))}
+                                   for p in partial_prompts)
+
+    plain = Recording(transcriber)
+    await run_leg(plain, entry.file, speed=2.0, partials=False, context=False)
+    assert plain.requests and all(p is None for _, p in plain.requests)
 
 
 async def test_silence_and_noise_publish_nothing(transcriber):
