@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -9,9 +10,22 @@ import time
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range (32768 and up by default).
+
+    Asking the kernel for port 0 returns an ephemeral port, which an outgoing
+    connection (the gateway's own to Redis, say) can take before the server
+    that was meant to get it binds: seen as "address already in use" at the
+    gateway's HTTP bind. Ports 10000-19999 are never handed out that way.
+    (RTP ranges in the tests start at 20000.)
+    """
+    while True:
+        port = random.randrange(10_000, 20_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 class RedisServer:
