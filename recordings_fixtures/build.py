@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -83,9 +84,10 @@ PROMPTS = [
 ]
 ALAW_PROMPTS = {"vm-newuser"}
 
-# Debian's text file has a typo for this one; the reference is what is spoken.
+# Debian's text file has typos for these; the reference is what is spoken.
 TEXT_FIXES = {
     "queue-periodic-announce": ("represenatives", "representatives"),
+    "unidentified-no-callback": ("Un-indentified or witheld", "Unidentified or withheld"),
 }
 
 # Multi-turn "caller" files: (file stem, encoding, prompts, gaps between turns in ms).
@@ -108,6 +110,35 @@ CALLERS = [
      ["vm-rec-busy", "demo-nomatch", "vm-sorry", "confbridge-pin-bad", "transfer"],
      [1300, 1000, 1500, 1100]),
 ]
+
+# More callers for a larger accuracy sample: prompts drawn at random (fixed seed)
+# from every prompt not used above whose Debian text is 4-20 plain words. Unlike
+# PROMPTS they were not chosen by how any model transcribes them, so where the
+# Debian text and the recording disagree, the error counts against offline
+# transcription and the gateway alike.
+RANDOM_CALLERS = 12
+RANDOM_SEED = 3261
+RANDOM_GAPS_MS = range(1000, 1501, 100)
+
+
+def random_callers(texts: dict[str, str]) -> list[tuple[str, str, list[str], list[int]]]:
+    used = set(PROMPTS) | {n for _, _, names, _ in CALLERS for n in names}
+    eligible = sorted(
+        name for name, text in texts.items()
+        if name not in used and (SOUNDS / f"{name}.wav").is_file()
+        and not any(c in text for c in "[]()<>*#0123456789") and "..." not in text
+        and 4 <= len(text.split()) <= 20
+        and sum(len(word) == 1 and word not in "aAI" for word in text.split()) < 2  # spelled letters ("M I S D N")
+    )
+    rng = random.Random(RANDOM_SEED)
+    rng.shuffle(eligible)
+    callers = []
+    for k in range(RANDOM_CALLERS):
+        names = eligible[5 * k:5 * k + 5]
+        gaps = [rng.choice(RANDOM_GAPS_MS) for _ in names[1:]]
+        callers.append((f"caller_{6 + k:02d}_random", "mu-law", names, gaps))
+    return callers
+
 
 # flite: one long monologue with no pause over 300 ms (forces the 20 s
 # max-turn split) and one multi-turn conversation in a second voice.
@@ -310,7 +341,7 @@ def build() -> list[dict]:
             manifest.append(entry(file, encoding, "asterisk-core-sounds-en", ASTERISK_LICENSE,
                                   "prompt", [turn], prompts=[name]))
 
-        for stem, encoding, names, gaps in CALLERS:
+        for stem, encoding, names, gaps in CALLERS + random_callers(texts):
             clips = [clip_from_pcm(read_pcm16(SOUNDS / f"{n}.wav")) for n in names]
             pcm, extents = compose(clips, gaps)
             file = f"{stem}.wav"
