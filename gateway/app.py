@@ -394,7 +394,8 @@ class Gateway:
             language=language,
             resampler=s.resampler,
             partials=s.asr_partials,
-            context=s.asr_context_tokens > 0,
+            context=s.asr_context_tokens > 0 or s.asr_context_audio_s > 0,
+            context_audio_s=s.asr_context_audio_s,
             origin_ms=lambda: holder[0].origin_ms(),
             on_final=self._on_final,
         )

@@ -11,10 +11,12 @@ confirms the end: the silence threshold and the ASR run overlap instead of
 adding up. Finals are published strictly in turn order; a partial is dropped
 rather than published out of order.
 
-Each turn is decoded with the leg's earlier finals as context (the request's
-``prompt``), as offline transcription conditions each window on the text
-before it: a final waits for the previous turn's text, which it would wait
-for anyway to be published in order.
+Each turn is decoded in the context of the leg's earlier turns, as offline
+transcription of the whole call would hear it: their text as the request's
+``prompt`` and, for finals, up to ``context_audio_s`` of their audio with its
+transcript (``context_audio``/``context_text``). A final therefore waits for
+the previous turn's text, which it would wait for anyway to be published in
+order.
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ CHUNK_BYTES = CHUNK * 2
 
 
 # Context for the next turn: the last few finals' texts (the transcriber keeps only
-# its last tokens). A final that Whisper itself doubts is left out of it, so one bad
-# decode does not steer the next turn (faster-whisper drops its prompt likewise).
-CONTEXT_TURNS = 4
+# the prompt's last tokens) and audio. A final that Whisper itself doubts is left
+# out, so one bad decode does not steer the next turn (faster-whisper drops its
+# prompt likewise).
+CONTEXT_TURNS = 4  # finals in the text prompt
 CONTEXT_MIN_LOGPROB = -1.0
 CONTEXT_MAX_COMPRESSION = 2.4
+CONTEXT_GAP_S = 0.3  # silence laid between context turns and before the new one (docs/asr.md)
+_NO_AUDIO = np.zeros(0, np.float32)
 
 # Input samples (8 kHz) on each side that a resampler's output depends on: the polyphase
 # filter reaches 32, ratecv 1; 512 (64 ms) leaves room for soxr's longer filter.
@@ -92,6 +97,7 @@ class LegPipeline:
         resampler: str = "polyphase",
         partials: bool = True,
         context: bool = True,
+        context_audio_s: float = 0.0,
         origin_ms: Callable[[], float] = lambda: 0.0,
         on_final: Callable[[str, TranscriptionResult | None], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -106,7 +112,10 @@ class LegPipeline:
         self._resampler = resampler
         self._partials = partials and turn_config.partial_interval_ms > 0
         self._use_context = context
-        self._context: collections.deque[str] = collections.deque(maxlen=CONTEXT_TURNS)
+        self._context_audio_s = context_audio_s if context else 0.0
+        # (text, 16 kHz audio) of the leg's recent trusted finals, oldest first
+        self._context: collections.deque[tuple[str, np.ndarray]] = collections.deque(maxlen=2 * CONTEXT_TURNS)
+        self._turn_audio: dict[int, np.ndarray] = {}  # 16 kHz audio of each final's request, until published
         self._origin_ms = origin_ms
         self._on_final = on_final
         self._clock = clock
@@ -245,7 +254,7 @@ class LegPipeline:
                 await previous
             except Exception:
                 pass
-        self._remember(result)
+        self._remember(event.turn, result)
         if self._on_final is not None:
             self._on_final(event.reason, result)
         text = result.text.strip() if result is not None else ""
@@ -313,20 +322,55 @@ class LegPipeline:
         it when this (speculative) request is cancelled.
         """
         samples = self._upsampled(event.turn, event.start_sample, event.audio)
+        if kind == "final":
+            self._turn_audio[event.turn] = samples
         if self._use_context and after is not None and not after.done():
             await asyncio.wait((after,))
-        prompt = " ".join(self._context) if self._use_context and self._context else None
         request = TranscriptionRequest(audio=samples, kind=kind, language=self._language,  # type: ignore[arg-type]
-                                       prompt=prompt, key=self.key)
+                                       key=self.key, **self._context_fields(kind))
         return await self._transcriber.transcribe(request)
 
-    def _remember(self, result: TranscriptionResult | None) -> None:
-        """Keep a final's text as context for the leg's next turns (in turn order)."""
-        if result is None or result.silence or not result.text.strip():
+    def _context_fields(self, kind: str) -> dict[str, object]:
+        """Request fields carrying the leg's earlier turns: the most recent ones that fit in
+        ``context_audio_s`` as audio + transcript (finals only), older ones as the prompt."""
+        if not self._use_context or not self._context:
+            return {}
+        entries = list(self._context)
+        heard: list[tuple[str, np.ndarray]] = []
+        seconds = 0.0
+        if kind == "final":
+            while (entries and entries[-1][1].size
+                   and seconds + entries[-1][1].size / 16000 + CONTEXT_GAP_S <= self._context_audio_s):
+                heard.insert(0, entries.pop())
+                seconds += heard[0][1].size / 16000 + CONTEXT_GAP_S
+        fields: dict[str, object] = {}
+        older = [text for text, _ in entries[-CONTEXT_TURNS:]]
+        if older:
+            fields["prompt"] = " ".join(older)
+        if heard:
+            gap = np.zeros(round(CONTEXT_GAP_S * 16000), np.float32)
+            fields["context_audio"] = np.concatenate([part for _, audio in heard for part in (audio, gap)])
+            fields["context_text"] = " ".join(text for text, _ in heard)
+        return fields
+
+    def _remember(self, turn: int, result: TranscriptionResult | None) -> None:
+        """Keep a final's text and audio as context for the leg's next turns (in turn order)."""
+        audio = self._turn_audio.pop(turn, None)
+        for older in [t for t in self._turn_audio if t < turn]:  # cancelled speculations
+            del self._turn_audio[older]
+        if result is None or result.silence or not result.text.strip() or audio is None:
             return
         if result.avg_logprob < CONTEXT_MIN_LOGPROB or result.compression_ratio > CONTEXT_MAX_COMPRESSION:
             return
-        self._context.append(result.text.strip())
+        self._context.append((result.text.strip(), audio))
+        # Audio that can no longer be context is dropped (the text stays for the prompt):
+        # at most context_audio_s of it is kept per leg.
+        seconds = 0.0
+        for i in range(len(self._context) - 1, -1, -1):
+            text, kept = self._context[i]
+            seconds += kept.size / 16000 + CONTEXT_GAP_S
+            if seconds > self._context_audio_s and kept.size:
+                self._context[i] = (text, _NO_AUDIO)
 
     def _upsampled(self, turn: int, start_sample: int, audio: np.ndarray) -> np.ndarray:
         """The turn's audio at 16 kHz. Partials and the final of a turn share its start and

@@ -37,6 +37,12 @@ class TranscriptionRequest:
     a partial still waiting in a queue is worthless once a newer request for
     the same ``key`` arrives, so it is superseded instead of transcribed.
     An empty ``key`` opts out of superseding.
+
+    Context, both optional: ``prompt`` is earlier text of the conversation;
+    ``context_audio`` is audio heard just before ``audio`` (the leg's previous
+    turns) and ``context_text`` its transcript. A transcriber may let the
+    model hear the turn after its context, as offline transcription of the
+    whole call would, but the result always covers ``audio`` alone.
     """
 
     audio: np.ndarray
@@ -44,6 +50,8 @@ class TranscriptionRequest:
     language: str | None = None
     prompt: str | None = None
     key: str = ""
+    context_audio: np.ndarray | None = None
+    context_text: str = ""
 
     def __post_init__(self) -> None:
         audio = self.audio
@@ -57,6 +65,14 @@ class TranscriptionRequest:
             raise ValueError(f"TranscriptionRequest.kind must be 'partial' or 'final', got {self.kind!r}")
         if audio.size and not np.isfinite(audio).all():
             raise ValueError("TranscriptionRequest.audio contains NaN or infinite samples")
+        context = self.context_audio
+        if context is not None:
+            if not isinstance(context, np.ndarray) or context.dtype != np.float32 or context.ndim != 1:
+                raise ValueError("TranscriptionRequest.context_audio must be 1-D float32 at 16 kHz")
+            if context.size and not np.isfinite(context).all():
+                raise ValueError("TranscriptionRequest.context_audio contains NaN or infinite samples")
+            if not self.context_text.strip():
+                raise ValueError("TranscriptionRequest.context_audio needs its transcript in context_text")
 
     @property
     def seconds(self) -> float:

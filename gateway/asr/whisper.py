@@ -16,12 +16,17 @@ Three things matter for a live call and are handled here rather than by
 - Hallucinations. Whisper transcribes silence and hum as "Thank you." or
   "you"; a transcript of nothing is worse than no transcript, so an energy
   gate runs before the model and Whisper's own confidence signals after it.
-- Context. Offline transcription conditions each window on the text before
-  it; a call leg's turns are decoded one by one, so the call path passes the
-  leg's previous finals as the request's ``prompt``. Only its last
-  ``context_tokens`` tokens are used: a fixed length keeps the decode cost
-  bounded and lets requests of different calls share one batch (CTranslate2
-  needs equal prompt lengths in a batch).
+- Context. Offline transcription hears a short utterance inside the whole
+  call and conditions each window on the text before it; a call leg's turns
+  are decoded one by one, which costs accuracy on short turns (docs/asr.md).
+  So a request may carry the leg's earlier text (``prompt``: only its last
+  ``context_tokens`` tokens are used, a fixed length that keeps requests of
+  different calls batchable, since CTranslate2 needs <|startoftranscript|>
+  at one position in a batch) and, for finals, the audio of the previous
+  turns with their transcript (``context_audio``/``context_text``). That
+  audio goes into the 30 s window before the turn and its transcript is
+  forced as the decoder's prefix, so the model only writes the new turn.
+  The encoder pass costs the same (finals use the 30 s window anyway).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ _FRAMES_PER_S = 100  # mel hop of 10 ms
 _FULL_FRAMES = int(_MAX_WINDOW_S * _FRAMES_PER_S)
 _MAX_TOKENS = 448  # Whisper's decoder context
 _MAX_CONTEXT = _MAX_TOKENS // 2 - 1  # previous-text tokens Whisper's prompt can hold (get_prompt keeps these)
+_CONTEXT_MARGIN_S = 3.0  # context audio + turn must leave this much of the 30 s window free
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,8 @@ class _Window:
     prompt: str | None
     frames: int
     context: int = _MAX_CONTEXT  # at most this many of the prompt's last tokens
+    prefix: str = ""  # transcript of the start of ``audio``, forced as the decoder's first tokens
+    context_samples: int = 0  # how much of ``audio`` that prefix covers
 
 
 @dataclass
@@ -286,18 +294,8 @@ class _Engine:
             kind = "partial" if overloaded else request.kind
             plans.append((slot, _split(request.audio, self.policy.max_chunk_seconds), language, kind))
 
-        firsts = self.decode_batch(
-            [
-                _Window(
-                    chunks[0],
-                    language,
-                    requests[slot].prompt,
-                    self.policy.frames(chunks[0].size / SAMPLE_RATE, kind),
-                    self.context_tokens,
-                )
-                for slot, chunks, language, kind in plans
-            ]
-        )
+        firsts = self.decode_batch([self._first_window(requests[slot], chunks, language, kind)
+                                    for slot, chunks, language, kind in plans])
         for (slot, chunks, language, kind), first in zip(plans, firsts):
             request = requests[slot]
             heard: list[_Decoded] = []
@@ -320,6 +318,29 @@ class _Engine:
             else:
                 results[slot] = self._result(request, heard, language, model_name, started)
         return results  # type: ignore[return-value]  # every slot is filled above
+
+    def _first_window(self, request: TranscriptionRequest, chunks: list[np.ndarray], language: str | None,
+                      kind: str) -> _Window:
+        """The request's first window, with its context audio in front where it fits.
+
+        Context audio is used only in the full 30 s window (finals; a window
+        grown by context would make partials slower) and only whole: cutting
+        it would part it from its transcript.
+        """
+        audio = chunks[0]
+        frames = self.policy.frames(audio.size / SAMPLE_RATE, kind)
+        context = request.context_audio
+        if (
+            context is not None
+            and context.size
+            and len(chunks) == 1
+            and frames >= _FULL_FRAMES
+            and context.size + audio.size <= (_MAX_WINDOW_S - _CONTEXT_MARGIN_S) * SAMPLE_RATE
+            and len(self.tokens(request.context_text)) <= _MAX_CONTEXT
+        ):
+            return _Window(np.concatenate((context, audio)), language, request.prompt, frames, self.context_tokens,
+                           prefix=request.context_text, context_samples=context.size)
+        return _Window(audio, language, request.prompt, frames, self.context_tokens)
 
     def _settle(
         self, decoded: _Decoded, chunk: np.ndarray, language: str | None, prompt: str | None, context: int
@@ -396,17 +417,23 @@ class _Engine:
                 decoded[i] = d
         return decoded  # type: ignore[return-value]
 
-    def previous_tokens(self, prompt: str | None, context: int = _MAX_CONTEXT) -> list[int]:
-        """The last ``context`` tokens of ``prompt`` (thread-safe: the cache is only a hint)."""
-        if not prompt or not prompt.strip() or context <= 0:
+    def tokens(self, text: str | None) -> list[int]:
+        """Tokens of ``text`` as the decoder continues it (leading space); thread-safe, the cache is only a hint."""
+        if not text or not text.strip():
             return []
-        tokens = self._prompt_cache.get(prompt)
+        tokens = self._prompt_cache.get(text)
         if tokens is None:
-            tokens = self.model.hf_tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids
+            tokens = self.model.hf_tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
             if len(self._prompt_cache) >= 256:
                 self._prompt_cache.clear()
-            self._prompt_cache[prompt] = tokens
-        return tokens[-min(context, _MAX_CONTEXT) :]
+            self._prompt_cache[text] = tokens
+        return tokens
+
+    def previous_tokens(self, prompt: str | None, context: int = _MAX_CONTEXT) -> list[int]:
+        """The last ``context`` tokens of ``prompt``."""
+        if context <= 0:
+            return []
+        return self.tokens(prompt)[-min(context, _MAX_CONTEXT) :]
 
     def _decode_group(self, windows: Sequence[_Window], previous: Sequence[list[int]]) -> list[_Decoded]:
         from faster_whisper.transcribe import get_suppressed_tokens
@@ -432,9 +459,13 @@ class _Engine:
                     token, language_probabilities[i] = detected[0]
                     languages[i] = token[2:-2]
         tokenizers = [self._tokenizer(language) for language in languages]  # type: ignore[arg-type]
-        prompts = [model.get_prompt(t, p, without_timestamps=True) for t, p in zip(tokenizers, previous)]
+        prefixes = [self.tokens(w.prefix) for w in windows]
+        prompts = [model.get_prompt(t, p, without_timestamps=True) + f for t, p, f in zip(tokenizers, previous, prefixes)]
         # Real speech stays well under 10 tokens/s; the cap stops a looping decoder early.
-        caps = [min(_MAX_TOKENS, len(p) + int(w.audio.size / SAMPLE_RATE * 10) + 16) for p, w in zip(prompts, windows)]
+        caps = [
+            min(_MAX_TOKENS, len(p) + int((w.audio.size - w.context_samples) / SAMPLE_RATE * 10) + 16)
+            for p, w in zip(prompts, windows)
+        ]
         max_length = max(caps)
         results = model.model.generate(
             encoder_output,
@@ -448,7 +479,7 @@ class _Engine:
         )
         out = []
         for i, result in enumerate(results):
-            tokens = result.sequences_ids[0]
+            tokens = result.sequences_ids[0][len(prefixes[i]) :]  # the result repeats the forced prefix
             if caps[i] < max_length and len(tokens) >= (caps[i] - len(prompts[i])) // 2:
                 # Decoded further than this window's own cap would have let it: alone, the
                 # cap could have cut it (CTranslate2 stops at roughly half of max_length's

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -77,6 +78,40 @@ def test_prompts_of_different_calls_share_a_batch(transcriber: WhisperTranscribe
     bare = engine.transcribe_batch([TranscriptionRequest(prompt("vm-goodbye"), "final")], "tiny.en")[0]
     assert not isinstance(bare, BaseException)
     assert bare.avg_logprob != pytest.approx(batched[0].avg_logprob, abs=1e-4)
+
+
+def test_context_audio_is_heard_but_not_transcribed_again(transcriber: WhisperTranscriber) -> None:
+    """A final with the previous turn's audio and transcript as context returns the new turn's
+    words only; a partial (short window) ignores the context audio; batching keeps that."""
+    engine = transcriber._engine
+    gap = np.zeros(4800, np.float32)
+    context = np.concatenate((prompt("conf-muted"), gap))
+    with_context = TranscriptionRequest(prompt("vm-goodbye"), "final", context_audio=context,
+                                        context_text=PROMPTS["conf-muted"])
+    other = TranscriptionRequest(prompt("agent-pass"), "final", context_audio=np.concatenate((prompt("pbx-invalid"), gap)),
+                                 context_text=PROMPTS["pbx-invalid"])
+    batched = engine.transcribe_batch([with_context, other], "tiny.en")
+    alone = [engine.transcribe_batch([r], "tiny.en")[0] for r in (with_context, other)]
+    for b, a, name in zip(batched, alone, ["vm-goodbye", "agent-pass"]):
+        assert not isinstance(b, BaseException) and not isinstance(a, BaseException)
+        assert b.text == a.text, (b.text, a.text)
+        assert word_error_rate(PROMPTS[name], b.text) <= 0.25, (name, b.text)
+    assert "muted" not in batched[0].text.lower()
+    bare = engine.transcribe_batch([TranscriptionRequest(prompt("vm-goodbye"), "final")], "tiny.en")[0]
+    assert not isinstance(bare, BaseException)
+    assert bare.avg_logprob != pytest.approx(batched[0].avg_logprob, abs=1e-4)  # the context was heard
+    partial_with, partial_without = engine.transcribe_batch(
+        [replace(with_context, kind="partial"), TranscriptionRequest(prompt("vm-goodbye"), "partial")], "tiny.en")
+    assert not isinstance(partial_with, BaseException) and not isinstance(partial_without, BaseException)
+    assert (partial_with.text, partial_with.avg_logprob) == (partial_without.text, partial_without.avg_logprob)
+
+
+def test_context_audio_needs_its_transcript() -> None:
+    with pytest.raises(ValueError, match="context_text"):
+        TranscriptionRequest(np.zeros(1600, np.float32), "final", context_audio=np.zeros(1600, np.float32))
+    with pytest.raises(ValueError, match="context_audio must be 1-D float32"):
+        TranscriptionRequest(np.zeros(1600, np.float32), "final", context_audio=np.zeros(1600, np.int16),
+                             context_text="hello")
 
 
 def test_context_tokens_zero_ignores_the_prompt() -> None:

@@ -38,23 +38,26 @@ class Recording:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.requests: list[tuple[str, str | None]] = []
+        self.full: list = []
 
     async def transcribe(self, request):
         self.requests.append((request.kind, request.prompt))
-        return await self.inner.transcribe(request)
+        result = await self.inner.transcribe(request)
+        self.full.append((request, result.text.strip()))
+        return result
 
     async def close(self) -> None:
         pass
 
 
 async def run_leg(transcriber, name: str, *, speed: float = 1.0, config: TurnConfig | None = None,
-                  partials: bool = True, context: bool = True) -> list[Event]:
+                  partials: bool = True, context: bool = True, context_audio_s: float = 0.0) -> list[Event]:
     pcm, _rate = read_pcm16(name)
     published: list[Event] = []
     events = EventFactory(CallInfo("call-1", "sip-1", "sip:a@x", "sip:b@y", time.time()))
     pipeline = LegPipeline(key="call-1/caller", leg="caller", events=events, publish=published.append,
                            transcriber=transcriber, turn_config=config or TurnConfig(), language=None,
-                           partials=partials, context=context)
+                           partials=partials, context=context, context_audio_s=context_audio_s)
     runner = BatchedVadRunner(SileroVad())
     runner.register(pipeline)
     task = asyncio.create_task(runner.run())
@@ -117,6 +120,32 @@ async def test_each_turn_is_decoded_with_the_legs_earlier_text(transcriber):
     plain = Recording(transcriber)
     await run_leg(plain, entry.file, speed=2.0, partials=False, context=False)
     assert plain.requests and all(p is None for _, p in plain.requests)
+
+
+async def test_finals_hear_the_previous_turns_audio_with_its_transcript(transcriber):
+    """With context_audio_s, a final carries the audio of the latest turns that fit (each
+    followed by 0.3 s of silence) and their finals' text; older finals go in the prompt;
+    partials carry text only. The published text is the new turn's alone."""
+    entry = get_entry("caller_02_conference.wav")
+    recording = Recording(transcriber)
+    published = await run_leg(recording, entry.file, speed=2.0, context_audio_s=6.0)
+    finals = [e.data["text"] for e in published if e.type == "turn.final"]
+    assert len(finals) == len(entry.turns)
+    for turn, text in zip(entry.turns, finals):
+        assert word_error_rate(turn.text, text) <= 0.2, (turn.text, text)
+    audio_of = {text: r.audio for r, text in recording.full if r.kind == "final"}  # a final's audio by its text
+    gap = np.zeros(4800, np.float32)
+    with_context = [r for r, _ in recording.full if r.kind == "final" and r.context_audio is not None]
+    assert len(with_context) >= len(finals) - 1
+    for request in with_context:
+        heard = [t for t in finals if t in request.context_text]
+        assert heard and request.context_text == " ".join(heard)
+        assert np.array_equal(request.context_audio, np.concatenate([x for t in heard for x in (audio_of[t], gap)]))
+        assert request.context_audio.size / 16000 <= 6.0
+        # the prompt holds only finals older than those heard
+        if request.prompt:
+            assert request.prompt.endswith(finals[finals.index(heard[0]) - 1])
+    assert all(r.context_audio is None for r, _ in recording.full if r.kind == "partial")
 
 
 async def test_silence_and_noise_publish_nothing(transcriber):
