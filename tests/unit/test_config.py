@@ -67,3 +67,11 @@ def test_missing_file_is_reported(tmp_path):
 def test_example_config_in_deploy_is_valid():
     s = load_settings("deploy/earshot.example.yaml", environ={})
     assert isinstance(s, Settings)
+    assert (s.asr_context_tokens, s.asr_context_audio_s) == (32, 10.0)
+
+
+def test_context_settings_are_checked():
+    with pytest.raises(ConfigError, match="asr_context_audio_s"):
+        load_settings(environ={"EARSHOT_ASR_CONTEXT_AUDIO_S": "25"})
+    with pytest.raises(ConfigError, match="asr_context_tokens"):
+        load_settings(environ={"EARSHOT_ASR_CONTEXT_TOKENS": "300"})
