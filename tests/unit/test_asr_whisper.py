@@ -145,6 +145,17 @@ async def test_silence_and_noise_give_no_text(transcriber: WhisperTranscriber, k
         assert r.silence and r.text == "", (label, r)
 
 
+async def test_noise_after_speech_context_gives_no_text(transcriber: WhisperTranscriber) -> None:
+    """With the previous turns' speech in the window Whisper's no-speech probability no longer
+    describes the new turn alone; noise there must still give no text."""
+    gap = np.zeros(4800, np.float32)
+    context = np.concatenate((prompt("pbx-invalid"), gap, prompt("conf-muted"), gap))
+    text = PROMPTS["pbx-invalid"] + " " + PROMPTS["conf-muted"]
+    for label, audio in noises().items():
+        r = await transcriber.transcribe(TranscriptionRequest(audio, "final", context_audio=context, context_text=text))
+        assert r.silence and r.text == "", (label, r)
+
+
 def test_energy_gate_measures_the_telephone_band() -> None:
     assert speech_band_level_db(prompt("agent-pass")) > -30
     assert speech_band_level_db(prompt("silence/1")) < -80
