@@ -163,6 +163,7 @@ class Gateway:
         self.ua = UserAgent(local_host=settings.sip_advertise_host or settings.sip_host,
                             local_port=settings.sip_port, user_agent=settings.sip_user_agent)
         self.sip = SipEndpoint(self.ua, self._on_sip_event)
+        self.sip.tcp_idle_timeout = settings.sip_tcp_idle_s
         self.vad: SileroVad | None = None
         self.vad_runner: BatchedVadRunner | None = None
         self.http: HttpServer | None = None
@@ -571,6 +572,7 @@ class Gateway:
             "sip_messages_in": self.sip.messages_in,
             "sip_messages_out": self.sip.messages_out,
             "sip_malformed": self.sip.malformed,
+            "sip_tcp_idle_closed": self.sip.idle_closed,
             "published_events": self.publisher.published,
             "dropped_partials": self.publisher.dropped_partials,
             **(self.persister.snapshot() if self.persister is not None else {}),

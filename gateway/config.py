@@ -35,6 +35,7 @@ class Settings:
     sip_tcp: bool = True
     sip_advertise_host: str = ""  # Contact/SDP address; empty: the address the caller dialled
     sip_user_agent: str = "Earshot"
+    sip_tcp_idle_s: float = 300.0  # close SIP TCP connections with no traffic for this long; 0: never
     # RTP
     rtp_host: str = "0.0.0.0"
     rtp_port_min: int = 10000
@@ -104,6 +105,7 @@ class Settings:
     def validate(self) -> None:
         """Cross-field checks; single values are checked when parsed."""
         _check(1 <= self.sip_port <= 65535, "sip_port", "must be 1..65535")
+        _check(self.sip_tcp_idle_s == 0 or self.sip_tcp_idle_s >= 1, "sip_tcp_idle_s", "must be 0 (never) or at least 1 second")
         _check(0 <= self.http_port <= 65535, "http_port", "must be 0..65535")
         _check(
             1024 <= self.rtp_port_min < self.rtp_port_max <= 65535,

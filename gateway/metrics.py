@@ -41,6 +41,7 @@ class _SnapshotCollector(Collector):
             ("sip_messages_in", "SIP messages received"),
             ("sip_messages_out", "SIP messages sent"),
             ("sip_malformed", "Malformed SIP messages"),
+            ("sip_tcp_idle_closed", "SIP TCP connections closed after sip_tcp_idle_s without traffic"),
             ("published_events", "Events written to Redis"),
             ("dropped_partials", "Partial transcripts dropped because the publish buffer was full"),
             ("asr_batches", "Whisper model calls"),

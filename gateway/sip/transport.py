@@ -10,7 +10,9 @@ monotonic.
 
 Robustness: an exception while handling one message or event is logged and
 never stops the listener; a TCP peer whose stream cannot be framed gets a 400
-when its headers allow it and is disconnected.
+when its headers allow it and is disconnected; at most ``max_connections``
+TCP connections are open, and one without traffic for ``tcp_idle_timeout``
+is closed, so idle peers cannot take every slot.
 """
 
 from __future__ import annotations
@@ -63,10 +65,12 @@ class _TcpConnection(asyncio.Protocol):
         self.peer = Peer("tcp", "", 0)
         self.closing = False
         self._pongs = 0
+        self.last_activity = 0.0  # loop time of the last byte in or out
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's does not subclass asyncio.Transport)
         self.transport = cast(asyncio.Transport, transport)
+        self.last_activity = self.endpoint.now()
         peername = transport.get_extra_info("peername") or ("", 0)
         self.id = self.endpoint._register(self)
         self.peer = Peer("tcp", peername[0], peername[1], self.id)
@@ -75,6 +79,7 @@ class _TcpConnection(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self.endpoint.now()
         error: FramingError | None = None
         try:
             messages = self.framer.feed(data)
@@ -92,6 +97,7 @@ class _TcpConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closing:
+            self.last_activity = self.endpoint.now()
             self.transport.write(data)
 
     def close(self) -> None:
@@ -117,8 +123,15 @@ class SipEndpoint:
         self.messages_in = 0
         self.messages_out = 0
         self.malformed = 0
+        self.idle_closed = 0  # TCP connections closed for idleness
         self.max_connections = 1024
         self.max_message_bytes = 65536
+        # TCP connections with no byte in or out for this long are closed (0: never). Peers
+        # reconnect as RFC 3261 18 expects, and the user agent sends in-dialog requests of a
+        # closed connection's dialogs to the remote target; trunks that keep the connection
+        # with CRLF or OPTIONS keep-alives are never idle that long.
+        self.tcp_idle_timeout = 0.0
+        self._idle_sweep: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
@@ -152,6 +165,7 @@ class SipEndpoint:
                     self._server = await self._loop.create_server(
                         lambda: _TcpConnection(self), host, bound, reuse_address=True
                     )
+                    self._schedule_idle_sweep()
                 return
             except OSError:
                 if self._udp is not None:
@@ -170,8 +184,31 @@ class SipEndpoint:
             return 0
         return int(self._server.sockets[0].getsockname()[1])
 
+    def now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
+    def _schedule_idle_sweep(self) -> None:
+        if self.tcp_idle_timeout > 0 and self._loop is not None and not self._closed:
+            interval = min(30.0, max(0.05, self.tcp_idle_timeout / 4))
+            self._idle_sweep = self._loop.call_later(interval, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Close TCP connections idle for ``tcp_idle_timeout``: an idle connection per
+        peer otherwise stays open forever and, multiplied, takes every slot."""
+        deadline = self.now() - self.tcp_idle_timeout
+        for conn in list(self._connections.values()):
+            if not conn.closing and conn.last_activity < deadline:
+                logger.info("SIP TCP %s:%s: idle for %.0f s, closing", conn.peer.host, conn.peer.port,
+                            self.tcp_idle_timeout)
+                self.idle_closed += 1
+                conn.close()
+        self._schedule_idle_sweep()
+
     async def close(self) -> None:
         self._closed = True
+        if self._idle_sweep is not None:
+            self._idle_sweep.cancel()
+            self._idle_sweep = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -207,3 +207,52 @@ async def test_failing_event_handler_does_not_stall_the_server(server: tuple[Sip
 
 # every test here runs on both loops: `earshot run` uses uvloop where installed
 event_loop_policy = both_loops()
+
+
+async def test_idle_tcp_connections_are_closed_and_dialogs_reach_the_peer_anew(server: tuple[SipEndpoint, App]) -> None:
+    """An idle connection is closed after tcp_idle_timeout; one kept alive by CRLF pings is
+    not; a call whose connection was closed still gets its BYE, on a new connection to the
+    remote target (the Contact), as RFC 3261 18.2.2 asks."""
+    endpoint, app = server
+    endpoint.tcp_idle_timeout = 0.4
+    endpoint._schedule_idle_sweep()
+    loop = asyncio.get_running_loop()
+
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def pbx_listener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        framer = StreamFramer()
+        while data := await reader.read(65536):
+            for message in framer.feed(data):
+                received.put_nowait(message)
+
+    pbx = await asyncio.start_server(pbx_listener, "127.0.0.1", 0)
+    pbx_port = pbx.sockets[0].getsockname()[1]
+
+    call_conn = await tcp_client(endpoint.tcp_port)
+    call_conn.writer.write(request("INVITE", "TCP", call_conn.port, branch="z9hG4bKi9", call_id="t-9", body=OFFER,
+                                   contact_port=pbx_port))
+    trying, ok = await call_conn.recv(), await call_conn.recv()
+    assert (trying.status, ok.status) == (100, 200)  # type: ignore[union-attr]
+    tag = NameAddress.parse(ok.headers.get("to") or "").tag or ""
+    call_conn.writer.write(request("ACK", "TCP", call_conn.port, branch="z9hG4bKa9", call_id="t-9", to_tag=tag))
+    call = await app.next(IncomingCall)
+    idle = await tcp_client(endpoint.tcp_port)
+    alive = await tcp_client(endpoint.tcp_port)
+    started = loop.time()
+    while loop.time() - started < 1.2:  # three idle timeouts
+        alive.writer.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(alive.reader.readexactly(2), WAIT) == b"\r\n"
+        await asyncio.sleep(0.1)
+    assert await asyncio.wait_for(idle.reader.read(), WAIT) == b""
+    assert await asyncio.wait_for(call_conn.reader.read(), WAIT) == b""
+    assert endpoint.idle_closed == 2 and len(endpoint._connections) == 1
+
+    endpoint.ua.hangup(call.dialog_id, loop.time())  # type: ignore[attr-defined]
+    endpoint.flush()
+    bye = parse_message(await asyncio.wait_for(received.get(), WAIT))
+    assert isinstance(bye, SipRequest) and bye.method == "BYE" and bye.headers.get("call-id") == "t-9"
+    for client in (idle, alive, call_conn):
+        client.writer.close()
+    pbx.close()
+    await pbx.wait_closed()
