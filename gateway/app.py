@@ -103,6 +103,7 @@ def build_transcriber(settings: Settings) -> Transcriber:
         compute_type=resolve_compute_type(settings.asr_compute_type, settings.asr_device),
         cpu_threads=settings.asr_threads,
         workers=settings.asr_workers,
+        beam_size=settings.asr_beam_size,
         window=window,
         local_files_only=settings.asr_local_files_only,
         max_batch=settings.asr_max_batch,

@@ -69,6 +69,7 @@ class Settings:
     asr_max_batch: int = 2  # finals (or partials) of several calls decoded in one model call
     asr_overload_backlog: int = 8  # more finals waiting than this: finals use the short window; 0: never
     asr_context_tokens: int = 32  # decode each turn conditioned on this many tokens of the leg's earlier text; 0: off
+    asr_beam_size: int = 5  # beam search width for finals (offline faster-whisper's default); partials are greedy
     asr_context_audio_s: float = 10.0  # finals hear up to this much of the leg's previous turns first; 0: off
     # audio, VAD and turns
     resampler: str = "polyphase"
@@ -134,6 +135,7 @@ class Settings:
         _check(self.asr_workers >= 1, "asr_workers", "must be at least 1")
         _check(self.asr_max_batch >= 1, "asr_max_batch", "must be at least 1")
         _check(self.asr_overload_backlog >= 0, "asr_overload_backlog", "must be 0 (off) or more")
+        _check(1 <= self.asr_beam_size <= 10, "asr_beam_size", "must be 1 (greedy) to 10")
         _check(0 <= self.asr_context_tokens <= 223, "asr_context_tokens", "must be 0 (off) to 223")
         _check(0.0 <= self.asr_context_audio_s <= 20.0, "asr_context_audio_s", "must be 0 (off) to 20 seconds")
         _check(self.event_loop in ("auto", "asyncio", "uvloop"), "event_loop", "must be auto, asyncio or uvloop")

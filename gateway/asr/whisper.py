@@ -192,6 +192,7 @@ class _Window:
     context: int = _MAX_CONTEXT  # at most this many of the prompt's last tokens
     prefix: str = ""  # transcript of the start of ``audio``, forced as the decoder's first tokens
     context_samples: int = 0  # how much of ``audio`` that prefix covers
+    beam: int = 1  # beam size (1: greedy)
 
 
 @dataclass
@@ -291,7 +292,7 @@ class _Engine:
             if speech_band_level_db(request.audio) < self.guard.gate_db:
                 results[slot] = self._result(request, [], language, model_name, started)
                 continue
-            kind = "partial" if overloaded else request.kind
+            kind = "partial" if overloaded else request.kind  # an overload final decodes like a partial
             plans.append((slot, _split(request.audio, self.policy.max_chunk_seconds), language, kind))
 
         firsts = self.decode_batch([self._first_window(requests[slot], chunks, language, kind)
@@ -301,14 +302,15 @@ class _Engine:
             heard: list[_Decoded] = []
             prompt = request.prompt
             context = self.context_tokens  # the caller's context; later windows of the turn get the whole previous window
+            beam = self._beam(kind)
             try:
                 for i, chunk in enumerate(chunks):
                     if i == 0:
                         decoded = first
                     else:
                         frames = self.policy.frames(chunk.size / SAMPLE_RATE, kind)
-                        decoded = self.decode(chunk, language, prompt, frames, context)
-                    decoded = self._settle(decoded, chunk, language, prompt, context)
+                        decoded = self.decode(chunk, language, prompt, frames, context, beam)
+                    decoded = self._settle(decoded, chunk, language, prompt, context, beam)
                     if not self._is_silence(decoded):
                         heard.append(decoded)
                         prompt = decoded.text
@@ -318,6 +320,11 @@ class _Engine:
             else:
                 results[slot] = self._result(request, heard, language, model_name, started)
         return results  # type: ignore[return-value]  # every slot is filled above
+
+    def _beam(self, kind: str) -> int:
+        """Finals use the configured beam (offline transcription's default is 5); partials,
+        superseded within a second anyway, and overload finals decode greedily."""
+        return self.beam_size if kind == "final" else 1
 
     def _first_window(self, request: TranscriptionRequest, chunks: list[np.ndarray], language: str | None,
                       kind: str) -> _Window:
@@ -339,18 +346,18 @@ class _Engine:
             and len(self.tokens(request.context_text)) <= _MAX_CONTEXT
         ):
             return _Window(np.concatenate((context, audio)), language, request.prompt, frames, self.context_tokens,
-                           prefix=request.context_text, context_samples=context.size)
-        return _Window(audio, language, request.prompt, frames, self.context_tokens)
+                           prefix=request.context_text, context_samples=context.size, beam=self._beam(kind))
+        return _Window(audio, language, request.prompt, frames, self.context_tokens, beam=self._beam(kind))
 
     def _settle(
-        self, decoded: _Decoded, chunk: np.ndarray, language: str | None, prompt: str | None, context: int
+        self, decoded: _Decoded, chunk: np.ndarray, language: str | None, prompt: str | None, context: int, beam: int
     ) -> _Decoded:
         """Second opinion for a looping short window, then cut what still loops."""
         if decoded.looping and decoded.frames < _FULL_FRAMES:
             # Short windows occasionally make the decoder repeat itself instead of
             # ending; the full 30 s window it was trained on rarely does.
             self.fallbacks += 1
-            decoded = self.decode(chunk, language, prompt, _FULL_FRAMES, context)
+            decoded = self.decode(chunk, language, prompt, _FULL_FRAMES, context, beam)
         if decoded.runaway:
             text = _collapse_repeats(decoded.text)
             decoded = replace(decoded, text=text, compression_ratio=_compression_ratio(text))
@@ -395,10 +402,16 @@ class _Engine:
         )
 
     def decode(
-        self, audio: np.ndarray, language: str | None, prompt: str | None, frames: int, context: int = _MAX_CONTEXT
+        self,
+        audio: np.ndarray,
+        language: str | None,
+        prompt: str | None,
+        frames: int,
+        context: int = _MAX_CONTEXT,
+        beam: int = 1,
     ) -> _Decoded:
         """One greedy (or beam) pass over at most one window (``frames`` mel frames) of audio."""
-        return self.decode_batch([_Window(audio, language, prompt, frames, context)])[0]
+        return self.decode_batch([_Window(audio, language, prompt, frames, context, beam=beam)])[0]
 
     def decode_batch(self, windows: Sequence[_Window]) -> list[_Decoded]:
         """Decode windows together where CTranslate2 allows it, results in input order.
@@ -408,9 +421,9 @@ class _Engine:
         (CTranslate2 requires <|startoftranscript|> at the same position).
         """
         previous = [self.previous_tokens(w.prompt, w.context) for w in windows]
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, int, int], list[int]] = {}
         for i, w in enumerate(windows):
-            groups.setdefault((w.frames, len(previous[i])), []).append(i)
+            groups.setdefault((w.frames, len(previous[i]), w.beam), []).append(i)
         decoded: list[_Decoded | None] = [None] * len(windows)
         for members in groups.values():
             for i, d in zip(members, self._decode_group([windows[i] for i in members], [previous[i] for i in members])):
@@ -470,7 +483,7 @@ class _Engine:
         results = model.model.generate(
             encoder_output,
             prompts,
-            beam_size=self.beam_size,
+            beam_size=windows[0].beam,
             max_length=max_length,
             return_scores=True,
             return_no_speech_prob=True,
@@ -606,6 +619,8 @@ class WhisperTranscriber:
     faster than 30 s windows can be decoded. ``context_tokens``: how many of
     the last tokens of a request's ``prompt`` (the leg's earlier text) the
     decoder is conditioned on; 0 decodes every request on its own.
+    ``beam_size`` applies to finals; partials (and finals under overload)
+    decode greedily.
     """
 
     def __init__(

@@ -114,6 +114,23 @@ def test_context_audio_needs_its_transcript() -> None:
                              context_text="hello")
 
 
+def test_beam_search_is_for_finals_only(transcriber: WhisperTranscriber) -> None:
+    beam = make(beam_size=5)
+    try:
+        audio = prompt("privacy-unident")
+        greedy_partial, greedy_final = transcriber._engine.transcribe_batch(
+            [TranscriptionRequest(audio, "partial"), TranscriptionRequest(audio, "final")], "tiny.en")
+        beam_partial, beam_final = beam._engine.transcribe_batch(
+            [TranscriptionRequest(audio, "partial"), TranscriptionRequest(audio, "final")], "tiny.en")
+        for r in (greedy_partial, greedy_final, beam_partial, beam_final):
+            assert not isinstance(r, BaseException)
+            assert word_error_rate(PROMPTS["privacy-unident"], r.text) <= 0.25, r.text
+        assert (beam_partial.text, beam_partial.avg_logprob) == (greedy_partial.text, greedy_partial.avg_logprob)
+        assert beam_final.avg_logprob != pytest.approx(greedy_final.avg_logprob, abs=1e-6)  # another search ran
+    finally:
+        asyncio.run(beam.close())
+
+
 def test_context_tokens_zero_ignores_the_prompt() -> None:
     t = make(context_tokens=0)
     try:
