@@ -69,7 +69,7 @@ class Settings:
     asr_max_batch: int = 2  # finals (or partials) of several calls decoded in one model call
     asr_overload_backlog: int = 8  # more finals waiting than this: finals use the short window; 0: never
     asr_context_tokens: int = 32  # decode each turn conditioned on this many tokens of the leg's earlier text; 0: off
-    asr_beam_size: int = 5  # beam search width for finals (offline faster-whisper's default); partials are greedy
+    asr_beam_size: int = 1  # beam search width for finals (1: greedy); partials are greedy (docs/asr.md)
     asr_context_audio_s: float = 10.0  # finals hear up to this much of the leg's previous turns first; 0: off
     # audio, VAD and turns
     resampler: str = "polyphase"
