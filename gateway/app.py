@@ -109,6 +109,7 @@ def build_transcriber(settings: Settings) -> Transcriber:
         max_batch=settings.asr_max_batch,
         overload_backlog=settings.asr_overload_backlog,
         context_tokens=settings.asr_context_tokens,
+        decoder_threads=settings.asr_decoder_threads,
     )
 
 

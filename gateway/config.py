@@ -61,6 +61,7 @@ class Settings:
     asr_device: str = "auto"
     asr_compute_type: str = "default"  # default: int8 on CPU, float16 on GPU
     asr_threads: int = 0
+    asr_decoder_threads: int = 1  # CPU: decode on a second model instance with this many threads; 0: share (docs/asr.md)
     asr_workers: int = 1
     asr_window: str = "auto"
     asr_language: str = ""  # empty: the model's own (English for .en models, else detect)
@@ -69,7 +70,7 @@ class Settings:
     asr_max_batch: int = 2  # finals (or partials) of several calls decoded in one model call
     asr_overload_backlog: int = 8  # more finals waiting than this: finals use the short window; 0: never
     asr_context_tokens: int = 32  # decode each turn conditioned on this many tokens of the leg's earlier text; 0: off
-    asr_beam_size: int = 1  # beam search width for finals (1: greedy); partials are greedy (docs/asr.md)
+    asr_beam_size: int = 2  # beam search width for finals (1: greedy); partials are greedy (docs/asr.md)
     asr_context_audio_s: float = 10.0  # finals hear up to this much of the leg's previous turns first; 0: off
     # audio, VAD and turns
     resampler: str = "polyphase"
@@ -135,6 +136,7 @@ class Settings:
         _check(self.asr_workers >= 1, "asr_workers", "must be at least 1")
         _check(self.asr_max_batch >= 1, "asr_max_batch", "must be at least 1")
         _check(self.asr_overload_backlog >= 0, "asr_overload_backlog", "must be 0 (off) or more")
+        _check(0 <= self.asr_decoder_threads <= 64, "asr_decoder_threads", "must be 0 (share the encoder's) to 64")
         _check(1 <= self.asr_beam_size <= 10, "asr_beam_size", "must be 1 (greedy) to 10")
         _check(0 <= self.asr_context_tokens <= 223, "asr_context_tokens", "must be 0 (off) to 223")
         _check(0.0 <= self.asr_context_audio_s <= 20.0, "asr_context_audio_s", "must be 0 (off) to 20 seconds")

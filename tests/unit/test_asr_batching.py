@@ -106,6 +106,45 @@ def test_context_audio_is_heard_but_not_transcribed_again(transcriber: WhisperTr
     assert (partial_with.text, partial_with.avg_logprob) == (partial_without.text, partial_without.avg_logprob)
 
 
+def test_a_final_with_context_audio_gets_a_window_that_fits_it(transcriber: WhisperTranscriber) -> None:
+    """Context (3.8 s) + turn (1.5 s) + 5 s margin -> the 15 s floor; the batch key agrees
+    with the window actually decoded, and the same turn heard alone keeps 30 s."""
+    engine = transcriber._engine
+    context = np.concatenate((prompt("conf-muted"), np.zeros(4800, np.float32)))
+    request = TranscriptionRequest(prompt("vm-goodbye"), "final", context_audio=context,
+                                   context_text=PROMPTS["conf-muted"])
+    assert request.seconds + context.size / 16000 + 5 <= 15
+    window = engine._first_window(request, [request.audio], "en", "final")
+    assert window.frames == engine.first_frames(request, "final") == 1500
+    assert window.audio.size == context.size + request.audio.size
+    alone = TranscriptionRequest(prompt("vm-goodbye"), "final")
+    assert engine.first_frames(alone, "final") == engine._first_window(alone, [alone.audio], "en", "final").frames == 3000
+    assert transcriber._batch_key(request, False)[1] == 1500
+
+
+def test_cpu_decoder_runs_on_its_own_one_thread_instance() -> None:
+    """Same weights, so the same text; the split is skipped when it would gain nothing."""
+    split, shared = make(), make(decoder_threads=0)
+    try:
+        assert split._engine.generator is not split._engine.model.model
+        assert shared._engine.generator is shared._engine.model.model
+        audio = prompt("privacy-unident")
+        a = split._engine.transcribe_batch([TranscriptionRequest(audio, "final")], "tiny.en")[0]
+        b = shared._engine.transcribe_batch([TranscriptionRequest(audio, "final")], "tiny.en")[0]
+        assert not isinstance(a, BaseException) and not isinstance(b, BaseException)
+        assert a.text == b.text and word_error_rate(PROMPTS["privacy-unident"], a.text) <= 0.25, (a.text, b.text)
+    finally:
+        asyncio.run(split.close())
+        asyncio.run(shared.close())
+    with pytest.raises(ValueError, match="decoder_threads"):
+        make(decoder_threads=-1)
+    one = make(decoder_threads=2)  # as many as the encoder's (make: cpu_threads=2)
+    try:
+        assert one._engine.generator is one._engine.model.model
+    finally:
+        asyncio.run(one.close())
+
+
 def test_context_audio_needs_its_transcript() -> None:
     with pytest.raises(ValueError, match="context_text"):
         TranscriptionRequest(np.zeros(1600, np.float32), "final", context_audio=np.zeros(1600, np.float32))
@@ -114,11 +153,11 @@ def test_context_audio_needs_its_transcript() -> None:
                              context_text="hello")
 
 
-def test_beam_search_is_for_finals_only(transcriber: WhisperTranscriber) -> None:
-    beam = make(beam_size=5)
+def test_beam_search_is_for_finals_only() -> None:
+    greedy, beam = make(beam_size=1), make(beam_size=5)
     try:
         audio = prompt("privacy-unident")
-        greedy_partial, greedy_final = transcriber._engine.transcribe_batch(
+        greedy_partial, greedy_final = greedy._engine.transcribe_batch(
             [TranscriptionRequest(audio, "partial"), TranscriptionRequest(audio, "final")], "tiny.en")
         beam_partial, beam_final = beam._engine.transcribe_batch(
             [TranscriptionRequest(audio, "partial"), TranscriptionRequest(audio, "final")], "tiny.en")
@@ -129,6 +168,7 @@ def test_beam_search_is_for_finals_only(transcriber: WhisperTranscriber) -> None
         assert beam_final.avg_logprob != pytest.approx(greedy_final.avg_logprob, abs=1e-6)  # another search ran
     finally:
         asyncio.run(beam.close())
+        asyncio.run(greedy.close())
 
 
 def test_context_tokens_zero_ignores_the_prompt() -> None:

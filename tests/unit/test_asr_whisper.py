@@ -109,6 +109,12 @@ async def test_real_prompts_transcribe_accurately(transcriber: WhisperTranscribe
 async def test_partials_use_the_short_window_and_still_transcribe(transcriber: WhisperTranscriber) -> None:
     assert WindowPolicy.parse("auto").frames(3.3, "partial") == 1000  # 3.3 s + 5 s -> 10 s window
     assert WindowPolicy.parse("auto").frames(3.3, "final") == 3000
+    # a final heard after context audio: context + turn + 5 s in 5 s steps, at least 15 s
+    assert WindowPolicy.parse("auto").frames(3.3, "final", with_context=True) == 1500
+    assert WindowPolicy.parse("auto").frames(12.5, "final", with_context=True) == 2000
+    assert WindowPolicy.parse("auto").frames(26.0, "final", with_context=True) == 3000
+    assert WindowPolicy.parse("auto").frames(3.3, "partial", with_context=True) == 1000
+    assert WindowPolicy.parse(30).frames(3.3, "final", with_context=True) == 3000
     r = await transcriber.transcribe(partial(prompt("agent-pass")))
     assert word_error_rate(PROMPTS["agent-pass"], r.text) <= 0.2, r.text
 
