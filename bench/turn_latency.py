@@ -216,7 +216,7 @@ Machine: {machine_description()}.
 Code: {code}.
 Load at the start of each run: {'; '.join(loads)}.
 
-Gateway defaults (tiny.en in process on CPU, partials on, speculative_ms {_defaults.speculative_ms}, asr_threads {_defaults.asr_threads} = CTranslate2's
+Gateway defaults (tiny.en in process on CPU, partials on, speculative_ms {_defaults.speculative_ms}, asr_beam_size {_defaults.asr_beam_size} for finals, asr_decoder_threads {_defaults.asr_decoder_threads}, asr_threads {_defaults.asr_threads} = CTranslate2's
 default, asr_workers {_defaults.asr_workers}) except EARSHOT_SILENCE_MS and the variant's settings: {described}. A fresh gateway per
 variant and silence threshold. sipp signalling; media from bench/common.py's paced RTP sender, which records the send time
 of every 20 ms packet. Calls: {', '.join(FILES)}; "1 call" = one after another, "8 calls" = 8 calls started
