@@ -79,9 +79,10 @@ class WindowPolicy:
     utterance instead of ending it. Buckets keep the set of input shapes
     small (on GPU each new shape may allocate).
     ``fixed``: always that many seconds (30 = faster-whisper's behaviour).
-    ``finals_full``: finals use the 30 s window, partials the bucketed one:
-    the measured accuracy cost of short windows is paid only by partials,
-    which are superseded anyway and run far more often (docs/asr.md).
+    ``finals_full``: finals use the 30 s window (after context audio, one
+    fitted to it: see :meth:`frames`), partials the bucketed one: the
+    measured accuracy cost of short windows is paid only by partials, which
+    are superseded anyway and run far more often (docs/asr.md).
     """
 
     fixed: float | None = None
@@ -91,7 +92,7 @@ class WindowPolicy:
 
     @classmethod
     def parse(cls, window: str | float) -> WindowPolicy:
-        """"auto" (short partials, 30 s finals), "short" (bucketed for all) or seconds (1-30)."""
+        """"auto" (short partials; 30 s finals, fitted after context audio), "short" (bucketed for all) or seconds (1-30)."""
         if window == "auto":
             return cls(finals_full=True)
         if window == "short":
