@@ -367,13 +367,12 @@ class _Engine:
                       kind: str) -> _Window:
         """The request's first window, with its context audio in front where it fits."""
         audio = chunks[0]
-        if self.uses_context(request, len(chunks), kind):
+        frames, with_context = self._window_frames(request, audio.size / SAMPLE_RATE, len(chunks), kind)
+        if with_context:
             context = request.context_audio
             assert context is not None
-            frames = self.policy.frames((context.size + audio.size) / SAMPLE_RATE, kind, with_context=True)
             return _Window(np.concatenate((context, audio)), language, request.prompt, frames, self.context_tokens,
                            prefix=request.context_text, context_samples=context.size, beam=self._beam(kind))
-        frames = self.policy.frames(audio.size / SAMPLE_RATE, kind)
         return _Window(audio, language, request.prompt, frames, self.context_tokens, beam=self._beam(kind))
 
     def uses_context(self, request: TranscriptionRequest, chunks: int, kind: str) -> bool:
@@ -393,14 +392,21 @@ class _Engine:
             and len(self.tokens(request.context_text)) <= _MAX_CONTEXT
         )
 
-    def first_frames(self, request: TranscriptionRequest, kind: str) -> int:
-        """Encoder window of the request's first chunk (the batch key's shape)."""
-        seconds = min(request.seconds, self.policy.max_chunk_seconds)
-        chunks = 1 if request.seconds <= self.policy.max_chunk_seconds else 2
+    def _window_frames(self, request: TranscriptionRequest, first_seconds: float, chunks: int,
+                       kind: str) -> tuple[int, bool]:
+        """Mel frames of the first window (a chunk of ``first_seconds``) and whether the
+        request's context audio goes in front of it."""
         if self.uses_context(request, chunks, kind):
             assert request.context_audio is not None
-            return self.policy.frames(seconds + request.context_audio.size / SAMPLE_RATE, kind, with_context=True)
-        return self.policy.frames(seconds, kind)
+            seconds = first_seconds + request.context_audio.size / SAMPLE_RATE
+            return self.policy.frames(seconds, kind, with_context=True), True
+        return self.policy.frames(first_seconds, kind), False
+
+    def first_frames(self, request: TranscriptionRequest, kind: str) -> int:
+        """Encoder window of the request's first chunk (the batch key's shape), before splitting."""
+        limit = self.policy.max_chunk_seconds
+        chunks = 1 if request.seconds <= limit else 2  # only "one or more" matters
+        return self._window_frames(request, min(request.seconds, limit), chunks, kind)[0]
 
     def _settle(
         self, decoded: _Decoded, chunk: np.ndarray, language: str | None, prompt: str | None, context: int, beam: int
