@@ -6,7 +6,7 @@ Usage:
     .venv/bin/python bench/asr_batch.py --n 120 --load 5 --seconds 60 --overload 0 8 [--max-batch 4]
 
 Each cell (config, window, batch size) transcribes the same ``--n`` Asterisk
-prompts (finals, through ``_Engine.transcribe_batch``: energy gate, batched
+prompts (finals, through ``WhisperEngine.transcribe_batch``: energy gate, batched
 encode + generate, guard), ``batch size`` requests per call. A config
 ``WxT`` is W worker threads sharing one model (CTranslate2 inter_threads),
 T intra-op threads each; with W > 1 the batches are taken by W threads at
@@ -35,12 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from asr_window import speech_set
 
 from gateway.asr.interface import TranscriptionRequest
-from gateway.asr.models import resolve_model
 from gateway.asr.wer import corpus_wer
-from gateway.asr.whisper import GuardThresholds, WindowPolicy, _Engine
+from gateway.asr.whisper import GuardThresholds, WhisperEngine, WindowPolicy
 
 
-def run_cell(engine: _Engine, workers: int, requests: list[TranscriptionRequest], batch: int) -> dict:
+def run_cell(engine: WhisperEngine, workers: int, requests: list[TranscriptionRequest], batch: int) -> dict:
     """Transcribe all requests in batches of ``batch`` with ``workers`` threads; return timings and texts."""
     batches = [list(range(i, min(i + batch, len(requests)))) for i in range(0, len(requests), batch)]
     texts: list[str] = [""] * len(requests)
@@ -54,7 +53,7 @@ def run_cell(engine: _Engine, workers: int, requests: list[TranscriptionRequest]
                     return
                 members = batches.pop(0)
             t = time.perf_counter()
-            results = engine.transcribe_batch([requests[i] for i in members], "bench")
+            results = engine.transcribe_batch([requests[i] for i in members])
             ms = (time.perf_counter() - t) * 1000
             with lock:
                 call_ms.extend([ms] * len(members))
@@ -94,7 +93,7 @@ def load_test(args: argparse.Namespace, speech: list) -> None:
         tr = WhisperTranscriber(args.model, compute_type=args.compute_type, cpu_threads=2, local_files_only=True,
                                 max_batch=args.max_batch, overload_backlog=setting)
         await tr.transcribe(TranscriptionRequest(pool[0][1], "final"))  # warm-up
-        tr.batches = tr.batched = tr.overloaded = 0
+        tr.scheduler.batches = tr.scheduler.batched = tr.scheduler.overloaded = 0
         loop = asyncio.get_running_loop()
         start = loop.time()
         load = os.getloadavg()[0]
@@ -144,16 +143,16 @@ def main() -> None:
     if args.load:
         load_test(args, speech)
         return
-    engines: dict[str, tuple[_Engine, int]] = {}
+    engines: dict[str, tuple[WhisperEngine, int]] = {}
     for spec in args.configs:
         workers, threads = (int(x) for x in spec.split("x"))
         engines[spec] = (
-            _Engine(resolve_model(args.model), device="cpu", compute_type=args.compute_type, cpu_threads=threads,
-                    workers=workers, beam_size=1, policy=WindowPolicy.parse("30"), guard=GuardThresholds(),
-                    local_files_only=True),
+            WhisperEngine(args.model, device="cpu", compute_type=args.compute_type, cpu_threads=threads,
+                          threads=workers, beam_size=1, window=WindowPolicy.parse("30"), guard=GuardThresholds(),
+                          local_files_only=True),
             workers,
         )
-        engines[spec][0].transcribe_batch(requests[:2], "warm-up")
+        engines[spec][0].transcribe_batch(requests[:2])
 
     cells = [(c, w, b) for c in args.configs for w in args.windows for b in args.batches]
     runs: dict[tuple[str, str, int], list[dict]] = {cell: [] for cell in cells}

@@ -35,12 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.asr.interface import TranscriptionRequest
 from gateway.asr.models import resolve_model
 from gateway.asr.wer import corpus_wer, normalize, word_error_rate
-from gateway.asr.whisper import (
-    GuardThresholds,
-    WindowPolicy,
-    _Engine,
-    speech_band_level_db,
-)
+from gateway.asr.whisper import GuardThresholds, WhisperEngine, WindowPolicy, speech_band_level_db
 
 SOUNDS = Path("/usr/share/asterisk/sounds/en")
 TEXTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
@@ -160,15 +155,15 @@ def main() -> None:
     # One runner per policy; every prompt goes through all of them in turn, so
     # load from other processes on this shared machine hits them alike.
     runners: dict[str, object] = {}
-    engines: dict[str, _Engine] = {}
+    engines: dict[str, WhisperEngine] = {}
     for spec in args.policies:
         policy = parse_policy(spec)
-        engine = _Engine(
-            resolve_model(args.model), device="cpu", compute_type=args.compute_type, cpu_threads=args.threads,
-            workers=1, beam_size=args.beam_size, policy=policy, guard=GuardThresholds(), local_files_only=True,
+        engine = WhisperEngine(
+            args.model, device="cpu", compute_type=args.compute_type, cpu_threads=args.threads,
+            threads=1, beam_size=args.beam_size, window=policy, guard=GuardThresholds(), local_files_only=True,
         )
         engines[spec] = engine
-        runners[spec] = lambda audio, engine=engine: engine.transcribe(TranscriptionRequest(audio, "final"), args.model).text
+        runners[spec] = lambda audio, engine=engine: engine.transcribe(TranscriptionRequest(audio, "final")).text
     if args.reference:
         # faster-whisper's own pipeline (30 s window, log-mel zero padding), same decoding options.
         from faster_whisper import WhisperModel
@@ -219,7 +214,7 @@ def main() -> None:
         for spec, engine in engines.items():
             print(f"non-speech, window {spec}:")
             for label, audio in noise_set():
-                result = engine.transcribe(TranscriptionRequest(audio, "final"), args.model)
+                result = engine.transcribe(TranscriptionRequest(audio, "final"))
                 raw = engine.decode(audio, None if engine.multilingual else "en", None,
                                     engine.policy.frames(audio.size / 16000, "final"))
                 print(f"    {label:32s} band {speech_band_level_db(audio):6.1f} dBFS  raw {raw.text[:26]!r:28s} "

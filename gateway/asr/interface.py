@@ -2,25 +2,36 @@
 
 The call path hands a finished (or growing) turn to a :class:`Transcriber`
 and awaits a :class:`TranscriptionResult`. Everything behind it is
-replaceable: today an in-process faster-whisper model
-(:class:`gateway.asr.whisper.WhisperTranscriber`), later a pool of remote GPU
-workers fed through Redis Streams with cross-call batching. Keeping the
-messages plain (numpy audio in, strings and floats out) is what lets a remote
-implementation serialize them without the call path noticing.
+replaceable: an in-process faster-whisper model
+(:class:`gateway.asr.whisper.WhisperTranscriber`, the embedded default), a
+pool of remote workers fed through Redis Streams
+(:class:`gateway.asr.remote.pool.PoolTranscriber`), or any OpenAI-compatible
+transcription server (:class:`gateway.asr.remote.openai.OpenAITranscriber`).
+Keeping the messages plain (numpy audio in, strings and floats out) is what
+lets a remote implementation serialize them without the call path noticing.
+
+Failures a caller must tell apart are exceptions with a stable ``code``
+(:class:`TranscriptionError`): the code is what ``turn.final`` carries in its
+``error`` field (docs/events.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import uuid
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 __all__ = [
     "SAMPLE_RATE",
+    "AsrOverloaded",
+    "AsrTimeout",
     "Superseded",
     "Transcriber",
     "TranscriberClosed",
+    "TranscriptionError",
     "TranscriptionRequest",
     "TranscriptionResult",
 ]
@@ -29,7 +40,7 @@ SAMPLE_RATE = 16_000
 """Audio handed to a transcriber is always 16 kHz mono float32 (Whisper's native rate)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds arrays
 class TranscriptionRequest:
     """One turn (or the audio of a turn so far) to transcribe.
 
@@ -43,6 +54,15 @@ class TranscriptionRequest:
     turns) and ``context_text`` its transcript. A transcriber may let the
     model hear the turn after its context, as offline transcription of the
     whole call would, but the result always covers ``audio`` alone.
+
+    Scheduling: ``deadline`` is the wall-clock time (seconds since the epoch,
+    so that it means the same on a worker on another machine) after which the
+    result is worthless; a transcriber drops a request still waiting then and
+    the caller gets :class:`AsrTimeout`. ``session`` groups the requests whose
+    share of the recognizer is limited together (a call: one call's flood of
+    turns must not starve the others); empty means ``key``. ``request_id``
+    names the request on the wire (results of a job done twice are told
+    apart by it); ``turn`` is the leg's turn number, for logs and metrics.
     """
 
     audio: np.ndarray
@@ -52,6 +72,10 @@ class TranscriptionRequest:
     key: str = ""
     context_audio: np.ndarray | None = None
     context_text: str = ""
+    deadline: float | None = None
+    session: str = ""
+    turn: int = 0
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
         audio = self.audio
@@ -73,10 +97,19 @@ class TranscriptionRequest:
                 raise ValueError("TranscriptionRequest.context_audio contains NaN or infinite samples")
             if not self.context_text.strip():
                 raise ValueError("TranscriptionRequest.context_audio needs its transcript in context_text")
+        if self.deadline is not None and not (isinstance(self.deadline, (int, float)) and math.isfinite(self.deadline)):
+            raise ValueError(f"TranscriptionRequest.deadline must be a finite epoch time or None, got {self.deadline!r}")
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ValueError("TranscriptionRequest.request_id must be a non-empty string")
 
     @property
     def seconds(self) -> float:
         return self.audio.size / SAMPLE_RATE
+
+    @property
+    def fairness_group(self) -> str:
+        """What this request's share of the recognizer is counted under."""
+        return self.session or self.key
 
 
 @dataclass(frozen=True)
@@ -107,12 +140,33 @@ class TranscriberClosed(RuntimeError):
     """The transcriber was closed: the request was refused or dropped from its queue."""
 
 
+class TranscriptionError(Exception):
+    """A request that got no transcript, for a reason the caller reports by ``code``."""
+
+    code = "asr-failed"
+
+
+class AsrTimeout(TranscriptionError):
+    """No result by the request's deadline (queue too long, worker gone, no worker at all)."""
+
+    code = "asr-timeout"
+
+
+class AsrOverloaded(TranscriptionError):
+    """Refused at submission: the queue (or this session's share of it) is full."""
+
+    code = "asr-overload"
+
+
 @runtime_checkable
 class Transcriber(Protocol):
     """Anything that turns a :class:`TranscriptionRequest` into a :class:`TranscriptionResult`.
 
     ``transcribe`` may raise :class:`Superseded` (partials only) or
-    :class:`TranscriberClosed`; callers treat both as "no result, move on".
+    :class:`TranscriberClosed`, which callers treat as "no result, move on",
+    or a :class:`TranscriptionError` (:class:`AsrTimeout` once the request's
+    deadline has passed, :class:`AsrOverloaded`), whose ``code`` a final
+    reports. Cancelling the awaiting task withdraws the request.
     """
 
     name: str

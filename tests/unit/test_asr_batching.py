@@ -35,12 +35,12 @@ def test_batched_decode_gives_the_unbatched_results(transcriber: WhisperTranscri
     """One batch holding speech of several lengths (so several short windows), a request with a
     prompt (a different prompt length: its own group) and noise (stopped by the energy gate)
     gives, slot by slot, what each request gives alone."""
-    engine = transcriber._engine
+    engine = transcriber.engine
     requests = [TranscriptionRequest(prompt(n), kind) for n in NAMES]  # type: ignore[arg-type]
     requests.insert(2, TranscriptionRequest(prompt("vm-goodbye"), kind, prompt="Please enter your password."))  # type: ignore[arg-type]
     requests.insert(4, TranscriptionRequest(np.zeros(32000, np.float32), kind))  # type: ignore[arg-type]
-    batched = engine.transcribe_batch(requests, "tiny.en")
-    alone = [engine.transcribe_batch([r], "tiny.en")[0] for r in requests]
+    batched = engine.transcribe_batch(requests)
+    alone = [engine.transcribe_batch([r])[0] for r in requests]
     for b, a in zip(batched, alone):
         assert not isinstance(b, BaseException) and not isinstance(a, BaseException)
         assert (b.text, b.silence) == (a.text, a.silence)
@@ -63,19 +63,19 @@ CONTEXTS = [  # two legs' earlier text, both longer than the 32 tokens of contex
 def test_prompts_of_different_calls_share_a_batch(transcriber: WhisperTranscriber) -> None:
     """Only the last 32 tokens of a prompt are used, so prompts of different texts have one
     length and decode in one call, each slot as it decodes alone."""
-    engine = transcriber._engine
+    engine = transcriber.engine
     assert engine.context_tokens == 32
     assert all(len(engine.previous_tokens(c, 32)) == 32 for c in CONTEXTS)
     requests = [TranscriptionRequest(prompt(n), "final", prompt=c) for n, c in zip(["vm-goodbye", "conf-muted"], CONTEXTS)]
-    assert transcriber._batch_key(requests[0], False) == transcriber._batch_key(requests[1], False)
-    batched = engine.transcribe_batch(requests, "tiny.en")
-    alone = [engine.transcribe_batch([r], "tiny.en")[0] for r in requests]
+    assert transcriber.engine.batch_key(requests[0], False) == transcriber.engine.batch_key(requests[1], False)
+    batched = engine.transcribe_batch(requests)
+    alone = [engine.transcribe_batch([r])[0] for r in requests]
     for b, a, name in zip(batched, alone, ["vm-goodbye", "conf-muted"]):
         assert not isinstance(b, BaseException) and not isinstance(a, BaseException)
         assert b.text == a.text and b.avg_logprob == pytest.approx(a.avg_logprob, abs=1e-4)
         assert word_error_rate(PROMPTS[name], b.text) <= 0.25, (name, b.text)
     # the prompt reaches the decoder: the same audio scores differently without it
-    bare = engine.transcribe_batch([TranscriptionRequest(prompt("vm-goodbye"), "final")], "tiny.en")[0]
+    bare = engine.transcribe_batch([TranscriptionRequest(prompt("vm-goodbye"), "final")])[0]
     assert not isinstance(bare, BaseException)
     assert bare.avg_logprob != pytest.approx(batched[0].avg_logprob, abs=1e-4)
 
@@ -83,25 +83,25 @@ def test_prompts_of_different_calls_share_a_batch(transcriber: WhisperTranscribe
 def test_context_audio_is_heard_but_not_transcribed_again(transcriber: WhisperTranscriber) -> None:
     """A final with the previous turn's audio and transcript as context returns the new turn's
     words only; a partial (short window) ignores the context audio; batching keeps that."""
-    engine = transcriber._engine
+    engine = transcriber.engine
     gap = np.zeros(4800, np.float32)
     context = np.concatenate((prompt("conf-muted"), gap))
     with_context = TranscriptionRequest(prompt("vm-goodbye"), "final", context_audio=context,
                                         context_text=PROMPTS["conf-muted"])
     other = TranscriptionRequest(prompt("agent-pass"), "final", context_audio=np.concatenate((prompt("pbx-invalid"), gap)),
                                  context_text=PROMPTS["pbx-invalid"])
-    batched = engine.transcribe_batch([with_context, other], "tiny.en")
-    alone = [engine.transcribe_batch([r], "tiny.en")[0] for r in (with_context, other)]
+    batched = engine.transcribe_batch([with_context, other])
+    alone = [engine.transcribe_batch([r])[0] for r in (with_context, other)]
     for b, a, name in zip(batched, alone, ["vm-goodbye", "agent-pass"]):
         assert not isinstance(b, BaseException) and not isinstance(a, BaseException)
         assert b.text == a.text, (b.text, a.text)
         assert word_error_rate(PROMPTS[name], b.text) <= 0.25, (name, b.text)
     assert "muted" not in batched[0].text.lower()
-    bare = engine.transcribe_batch([TranscriptionRequest(prompt("vm-goodbye"), "final")], "tiny.en")[0]
+    bare = engine.transcribe_batch([TranscriptionRequest(prompt("vm-goodbye"), "final")])[0]
     assert not isinstance(bare, BaseException)
     assert bare.avg_logprob != pytest.approx(batched[0].avg_logprob, abs=1e-4)  # the context was heard
     partial_with, partial_without = engine.transcribe_batch(
-        [replace(with_context, kind="partial"), TranscriptionRequest(prompt("vm-goodbye"), "partial")], "tiny.en")
+        [replace(with_context, kind="partial"), TranscriptionRequest(prompt("vm-goodbye"), "partial")])
     assert not isinstance(partial_with, BaseException) and not isinstance(partial_without, BaseException)
     assert (partial_with.text, partial_with.avg_logprob) == (partial_without.text, partial_without.avg_logprob)
 
@@ -109,7 +109,7 @@ def test_context_audio_is_heard_but_not_transcribed_again(transcriber: WhisperTr
 def test_a_final_with_context_audio_gets_a_window_that_fits_it(transcriber: WhisperTranscriber) -> None:
     """Context (3.8 s) + turn (1.5 s) + 5 s margin -> the 15 s floor; the batch key agrees
     with the window actually decoded, and the same turn heard alone keeps 30 s."""
-    engine = transcriber._engine
+    engine = transcriber.engine
     context = np.concatenate((prompt("conf-muted"), np.zeros(4800, np.float32)))
     request = TranscriptionRequest(prompt("vm-goodbye"), "final", context_audio=context,
                                    context_text=PROMPTS["conf-muted"])
@@ -119,18 +119,18 @@ def test_a_final_with_context_audio_gets_a_window_that_fits_it(transcriber: Whis
     assert window.audio.size == context.size + request.audio.size
     alone = TranscriptionRequest(prompt("vm-goodbye"), "final")
     assert engine.first_frames(alone, "final") == engine._first_window(alone, [alone.audio], "en", "final").frames == 3000
-    assert transcriber._batch_key(request, False)[1] == 1500
+    assert transcriber.engine.batch_key(request, False)[1] == 1500
 
 
 def test_cpu_decoder_runs_on_its_own_one_thread_instance() -> None:
     """Same weights, so the same text; the split is skipped when it would gain nothing."""
     split, shared = make(), make(decoder_threads=0)
     try:
-        assert split._engine.generator is not split._engine.model.model
-        assert shared._engine.generator is shared._engine.model.model
+        assert split.engine.generator is not split.engine.model.model
+        assert shared.engine.generator is shared.engine.model.model
         audio = prompt("privacy-unident")
-        a = split._engine.transcribe_batch([TranscriptionRequest(audio, "final")], "tiny.en")[0]
-        b = shared._engine.transcribe_batch([TranscriptionRequest(audio, "final")], "tiny.en")[0]
+        a = split.engine.transcribe_batch([TranscriptionRequest(audio, "final")])[0]
+        b = shared.engine.transcribe_batch([TranscriptionRequest(audio, "final")])[0]
         assert not isinstance(a, BaseException) and not isinstance(b, BaseException)
         assert a.text == b.text and word_error_rate(PROMPTS["privacy-unident"], a.text) <= 0.25, (a.text, b.text)
     finally:
@@ -140,7 +140,7 @@ def test_cpu_decoder_runs_on_its_own_one_thread_instance() -> None:
         make(decoder_threads=-1)
     one = make(decoder_threads=2)  # as many as the encoder's (make: cpu_threads=2)
     try:
-        assert one._engine.generator is one._engine.model.model
+        assert one.engine.generator is one.engine.model.model
     finally:
         asyncio.run(one.close())
 
@@ -157,10 +157,10 @@ def test_beam_search_is_for_finals_only() -> None:
     greedy, beam = make(beam_size=1), make(beam_size=5)
     try:
         audio = prompt("privacy-unident")
-        greedy_partial, greedy_final = greedy._engine.transcribe_batch(
-            [TranscriptionRequest(audio, "partial"), TranscriptionRequest(audio, "final")], "tiny.en")
-        beam_partial, beam_final = beam._engine.transcribe_batch(
-            [TranscriptionRequest(audio, "partial"), TranscriptionRequest(audio, "final")], "tiny.en")
+        greedy_partial, greedy_final = greedy.engine.transcribe_batch(
+            [TranscriptionRequest(audio, "partial"), TranscriptionRequest(audio, "final")])
+        beam_partial, beam_final = beam.engine.transcribe_batch(
+            [TranscriptionRequest(audio, "partial"), TranscriptionRequest(audio, "final")])
         for r in (greedy_partial, greedy_final, beam_partial, beam_final):
             assert not isinstance(r, BaseException)
             assert word_error_rate(PROMPTS["privacy-unident"], r.text) <= 0.25, r.text
@@ -174,10 +174,10 @@ def test_beam_search_is_for_finals_only() -> None:
 def test_context_tokens_zero_ignores_the_prompt() -> None:
     t = make(context_tokens=0)
     try:
-        assert t._engine.previous_tokens(CONTEXTS[0], t._engine.context_tokens) == []
-        with_prompt, without = t._engine.transcribe_batch(
+        assert t.engine.previous_tokens(CONTEXTS[0], t.engine.context_tokens) == []
+        with_prompt, without = t.engine.transcribe_batch(
             [TranscriptionRequest(prompt("vm-goodbye"), "final", prompt=CONTEXTS[0]),
-             TranscriptionRequest(prompt("vm-goodbye"), "final")], "tiny.en")
+             TranscriptionRequest(prompt("vm-goodbye"), "final")])
         assert not isinstance(with_prompt, BaseException) and not isinstance(without, BaseException)
         assert with_prompt.text == without.text
         assert with_prompt.avg_logprob == pytest.approx(without.avg_logprob, abs=1e-4)
@@ -190,7 +190,7 @@ async def test_queued_finals_share_calls_in_fifo_order() -> None:
     try:
         done: list[str] = []
         futures = {}
-        with t._lock:  # hold the workers off until the whole queue is in place
+        with t.scheduler.paused():  # hold the threads off until the whole queue is in place
             for label, request in [
                 ("partial A1", partial(prompt("agent-pass"), key="a")),
                 ("final 1", final(prompt("conf-muted"), key="b")),
@@ -222,7 +222,7 @@ async def test_an_incompatible_request_at_the_head_ends_the_batch() -> None:
     t = make(max_batch=4, overload_backlog=0)
     try:
         done: list[str] = []
-        with t._lock:
+        with t.scheduler.paused():
             futures = [
                 t.submit(final(prompt("conf-muted"))),
                 t.submit(final(prompt("vm-goodbye"), prompt="Please enter your password.")),
@@ -247,10 +247,10 @@ async def test_overload_backlog_switches_finals_to_the_short_window() -> None:
     audio = prompt("privacy-unident")
     t = make(max_batch=1, overload_backlog=2)
     try:
-        short, full = (t._engine.transcribe_batch([final(audio)], "tiny.en", overloaded=o)[0] for o in (True, False))
+        short, full = (t.engine.transcribe_batch([final(audio)], overloaded=o)[0] for o in (True, False))
         assert not isinstance(short, BaseException) and not isinstance(full, BaseException)
         assert short.avg_logprob != pytest.approx(full.avg_logprob, abs=1e-4)
-        with t._lock:
+        with t.scheduler.paused():
             futures = [t.submit(final(audio, key=f"call{i}/in")) for i in range(4)]
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         assert t.overloaded == 2
@@ -261,7 +261,7 @@ async def test_overload_backlog_switches_finals_to_the_short_window() -> None:
         await t.close()
     off = make(max_batch=1, overload_backlog=0)
     try:
-        with off._lock:
+        with off.scheduler.paused():
             futures = [off.submit(final(audio)) for _ in range(3)]
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         assert off.overloaded == 0

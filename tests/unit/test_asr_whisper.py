@@ -22,14 +22,9 @@ from gateway.asr.interface import (
     TranscriptionResult,
 )
 from gateway.asr.wer import corpus_wer, word_error_rate
-from gateway.asr.whisper import (
-    GuardThresholds,
-    WhisperTranscriber,
-    WindowPolicy,
-    _collapse_repeats,
-    _split,
-    speech_band_level_db,
-)
+from gateway.asr.whisper import GuardThresholds, WhisperTranscriber, WindowPolicy, speech_band_level_db
+from gateway.asr.whisper.guard import collapse_repeats
+from gateway.asr.whisper.window import split_audio
 
 SOUNDS = Path("/usr/share/asterisk/sounds/en")
 pytestmark = pytest.mark.skipif(not SOUNDS.is_dir(), reason="asterisk-core-sounds-en not installed")
@@ -181,14 +176,14 @@ def test_energy_gate_measures_the_telephone_band() -> None:
     ],
 )
 def test_decoder_loops_are_cut_after_the_first_occurrence(looped: str, kept: str) -> None:
-    assert _collapse_repeats(looped) == kept
+    assert collapse_repeats(looped) == kept
 
 
 async def test_finals_first_and_queued_partials_superseded(transcriber: WhisperTranscriber) -> None:
     audio = {n: prompt(n) for n in PROMPTS}
     done: list[str] = []
     futures: dict[str, concurrent.futures.Future[TranscriptionResult]] = {}
-    with transcriber._lock:  # hold the workers off until the whole queue is in place
+    with transcriber.scheduler.paused():  # hold the workers off until the whole queue is in place
         for label, request in [
             ("partial A1", partial(audio["agent-pass"], key="call1/in")),
             ("final B", final(audio["conf-muted"], key="call2/in")),
@@ -229,7 +224,7 @@ async def test_concurrent_transcribe_calls_from_asyncio(transcriber: WhisperTran
 
 
 async def test_cancelled_caller_does_not_break_the_queue(transcriber: WhisperTranscriber) -> None:
-    with transcriber._lock:
+    with transcriber.scheduler.paused():
         first = asyncio.ensure_future(transcriber.transcribe(final(prompt("conf-muted"))))
         second = asyncio.ensure_future(transcriber.transcribe(final(prompt("vm-goodbye"))))
         await asyncio.sleep(0)  # let both submit
@@ -247,7 +242,7 @@ async def test_long_turn_is_cut_into_windows(transcriber: WhisperTranscriber) ->
     names = ["privacy-unident", "pbx-invalid", "agent-pass"] * 3
     audio = np.concatenate([part for n in names for part in (prompt(n), gap)])
     assert audio.size / 16000 > 30
-    chunks = _split(audio, WindowPolicy.parse("auto").max_chunk_seconds)
+    chunks = split_audio(audio, WindowPolicy.parse("auto").max_chunk_seconds)
     assert len(chunks) == 2 and sum(c.size for c in chunks) == audio.size
     assert np.abs(chunks[1][:160]).max() < 1e-3  # cut in a pause, not mid-word
     r = await transcriber.transcribe(final(audio))
@@ -274,7 +269,7 @@ async def test_bad_requests_fail_clearly(transcriber: WhisperTranscriber) -> Non
 
 async def test_close_finishes_finals_and_drops_partials() -> None:
     t = WhisperTranscriber("tiny.en", compute_type="int8", cpu_threads=2, local_files_only=True)
-    with t._lock:
+    with t.scheduler.paused():
         f1 = t.submit(final(prompt("conf-muted"), key="a"))
         f2 = t.submit(final(prompt("vm-goodbye"), key="b"))
         p = t.submit(partial(prompt("agent-pass"), key="c"))
@@ -285,7 +280,7 @@ async def test_close_finishes_finals_and_drops_partials() -> None:
         p.result()
     with pytest.raises(TranscriberClosed):
         await t.transcribe(final(prompt("vm-goodbye")))
-    assert not any(thread.is_alive() for thread in t._threads)
+    assert not t.runner.alive
     await t.close()  # idempotent
 
 
