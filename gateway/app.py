@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sdp
+from .asr.factory import build_transcriber
 from .asr.interface import Transcriber, TranscriptionResult
 from .call import Call
 from .config import Settings
@@ -27,6 +30,7 @@ from .media.turn import TurnConfig
 from .media.vad import BatchedVadRunner, SileroVad
 from .metrics import Metrics
 from .pipeline import LegPipeline
+from .presence import Heartbeat, default_instance_id, read_presence
 from .publisher import Publisher
 from .rtp.receiver import RtpReceiver
 from .rtp.transport import NoFreePortError, RtpPortAllocator, open_rtp_socket
@@ -60,7 +64,7 @@ def turn_config(settings: Settings) -> TurnConfig:
         pad_after_ms=settings.pad_after_ms,
         speculative_ms=settings.speculative_ms,
         max_turn_s=settings.max_turn_s,
-        partial_interval_ms=settings.partial_interval_ms if settings.asr_partials else 0,
+        partial_interval_ms=settings.partial_interval_ms if partials_enabled(settings) else 0,
     )
 
 
@@ -73,44 +77,9 @@ def default_dialplan(settings: Settings) -> Dialplan:
     return Dialplan.accept_all()
 
 
-def resolve_compute_type(compute_type: str, device: str) -> str:
-    """"default": float16 on a GPU, int8 on a CPU. The packaged models are stored as
-    float16, which CTranslate2 would otherwise run as float32 on a CPU: 1.5-2x slower
-    than int8 for the same accuracy (docs/asr.md)."""
-    if compute_type != "default":
-        return compute_type
-    if device == "cpu":
-        return "int8"
-    import ctranslate2
-
-    gpu = device.startswith("cuda") or (device == "auto" and ctranslate2.get_cuda_device_count() > 0)
-    return "float16" if gpu else "int8"
-
-
-def build_transcriber(settings: Settings) -> Transcriber:
-    if settings.asr_model == "none":  # media plane only (capacity benchmarks)
-        from .asr.media_only import MediaOnlyTranscriber
-
-        return MediaOnlyTranscriber()
-    from .asr.whisper import WhisperTranscriber  # imports faster-whisper: only when needed
-
-    window: str | float = settings.asr_window
-    if window not in ("auto", "short"):
-        window = float(window)
-    return WhisperTranscriber(
-        settings.asr_model,
-        device=settings.asr_device,
-        compute_type=resolve_compute_type(settings.asr_compute_type, settings.asr_device),
-        cpu_threads=settings.asr_threads,
-        workers=settings.asr_workers,
-        beam_size=settings.asr_beam_size,
-        window=window,
-        local_files_only=settings.asr_local_files_only,
-        max_batch=settings.asr_max_batch,
-        overload_backlog=settings.asr_overload_backlog,
-        context_tokens=settings.asr_context_tokens,
-        decoder_threads=settings.asr_decoder_threads,
-    )
+def partials_enabled(settings: Settings) -> bool:
+    """Partials are asked for unless switched off; over HTTP only when asked for (one request each)."""
+    return settings.asr_partials and (settings.asr_backend != "openai" or settings.asr_openai_partials)
 
 
 @dataclass(frozen=True)
@@ -144,6 +113,8 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.transcriber = transcriber
+        self.instance_id = settings.instance_id or default_instance_id()
+        self.started_at = time.time()
         self.dialplan = dialplan if dialplan is not None else default_dialplan(settings)
         self.calls: dict[str, Call] = {}
         self._setting_up: dict[str, bool] = {}  # dialog id -> cancelled?
@@ -172,13 +143,21 @@ class Gateway:
         self.persister: Any = None
         self.dashboard: Any = None
         self._ended_rtp: dict[str, int] = {}
+        self._presence_client: Any = None
+        self.heartbeat: Heartbeat | None = None
+        self.asr_workers: int | None = None  # live pool workers, from their heartbeats (pool backend only)
+        self.turn_errors: dict[str, int] = {}
 
     # -- life cycle
     async def start(self) -> None:
         s = self.settings
         if self.transcriber is None:
-            log.info("loading ASR model %s", s.asr_model)
-            self.transcriber = await asyncio.to_thread(build_transcriber, s)
+            if s.asr_backend == "embedded":
+                log.info("loading ASR model %s", s.asr_model)
+            self.transcriber = await asyncio.to_thread(build_transcriber, s, instance=self.instance_id)
+        start_transcriber = getattr(self.transcriber, "start", None)
+        if start_transcriber is not None:
+            await start_transcriber()
         self.vad = SileroVad()
         self.vad_runner = BatchedVadRunner(self.vad)
         self.vad_runner.on_tick = self._on_vad_tick
@@ -199,6 +178,7 @@ class Gateway:
         self.http = HttpServer(build_app(self.metrics, self._health, web=web), s.http_host, s.http_port)
         await self.http.start()
         self._spawn(self._poll_loop())
+        await self._start_presence()
         log.info("Earshot listening: SIP %s:%d (%s), HTTP http://%s:%d, Redis %s",
                  s.sip_host, self.sip_port, "/".join(t for t, on in (("udp", s.sip_udp), ("tcp", s.sip_tcp)) if on),
                  s.http_host, self.http.port, s.redis_url)
@@ -214,6 +194,44 @@ class Gateway:
                 log.error("could not migrate the database (%s); transcripts wait in Redis until it can", exc)
         self.persister = Persister.from_settings(self.settings)
         await self.persister.start()
+
+    async def _start_presence(self) -> None:
+        """This instance's heartbeat (for `earshot status`) and, with the pool, the live workers' count."""
+        import redis.asyncio as aioredis
+
+        s = self.settings
+        self._presence_client = aioredis.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        names = s.asr_pool_names
+        self.heartbeat = Heartbeat(self._presence_client, names.gateway(self.instance_id), s.asr_pool_heartbeat_s,
+                                   self._describe)
+        await self.heartbeat.start()
+        if s.asr_backend == "pool":
+            self._spawn(self._watch_workers())
+
+    async def _watch_workers(self) -> None:
+        from redis.exceptions import RedisError
+
+        pattern = self.settings.asr_pool_names.workers_pattern
+        while True:
+            try:
+                self.asr_workers = len(await read_presence(self._presence_client, pattern))
+            except (RedisError, OSError):
+                self.asr_workers = None
+            await asyncio.sleep(self.settings.asr_pool_heartbeat_s)
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "sip_port": self.sip_port,
+            "http_port": self.http.port if self.http else self.settings.http_port,
+            "active_calls": len(self.calls),
+            "asr_backend": self.settings.asr_backend,
+            "asr_backlog": int(getattr(self.transcriber, "queued", 0)),
+            "draining": self.draining,
+            "started": self.started_at,
+        }
 
     @property
     def sip_port(self) -> int:
@@ -250,6 +268,10 @@ class Gateway:
             await self.dashboard.close()
         if self.transcriber is not None:
             await self.transcriber.close()
+        if self.heartbeat is not None:
+            await self.heartbeat.close()
+        if self._presence_client is not None:
+            await self._presence_client.aclose()
 
     # -- SIP events
     def _on_sip_event(self, event: object) -> None:
@@ -396,11 +418,14 @@ class Gateway:
             turn_config=turn_config(s),
             language=language,
             resampler=s.resampler,
-            partials=s.asr_partials,
+            partials=partials_enabled(s),
             context=s.asr_context_tokens > 0 or s.asr_context_audio_s > 0,
             context_audio_s=s.asr_context_audio_s,
             origin_ms=lambda: holder[0].origin_ms(),
             on_final=self._on_final,
+            session=call_id,
+            final_timeout_s=s.asr_final_timeout_s,
+            partial_timeout_s=s.asr_partial_timeout_s,
         )
         call = Call(
             call_id=call_id,
@@ -545,8 +570,10 @@ class Gateway:
         self.metrics.vad_tick.observe(seconds)
         self.metrics.vad_batch.set(batch)
 
-    def _on_final(self, reason: str, result: TranscriptionResult | None) -> None:
+    def _on_final(self, reason: str, result: TranscriptionResult | None, error: str) -> None:
         self.metrics.turns.labels(reason).inc()
+        if error:
+            self.turn_errors[error] = self.turn_errors.get(error, 0) + 1
         if result is not None:
             self.metrics.asr_seconds.labels("final").observe(result.processing_seconds)
 
@@ -582,18 +609,51 @@ class Gateway:
             "asr_batches": float(getattr(self.transcriber, "batches", 0)),
             "asr_batched": float(getattr(self.transcriber, "batched", 0)),
             "asr_overloaded": float(getattr(self.transcriber, "overloaded", 0)),
+            "turn_errors": dict(self.turn_errors),
+            **self._asr_snapshot(),
         }
+
+    def _asr_snapshot(self) -> dict[str, Any]:
+        """The remote backends' counters (docs/gpu.md lists them)."""
+        stats = getattr(self.transcriber, "stats", None)
+        if stats is None:
+            return {}
+        out: dict[str, Any] = {}
+        for name in ("sent", "requests", "timeouts"):
+            value = getattr(stats, name, None)
+            if value is not None:
+                out[f"asr_remote_{name}"] = dict(value)
+        for name in ("results", "duplicates", "late", "superseded", "cancelled", "remote_errors", "resent",
+                     "send_failures", "bad_replies", "errors", "gated"):
+            value = getattr(stats, name, None)
+            if value is not None:
+                out[f"asr_remote_{name}"] = value
+        if self.asr_workers is not None:
+            out["asr_pool_workers"] = self.asr_workers
+        return out
 
     async def _health(self) -> dict[str, Any]:
         redis_ok = await self.publisher.ping()
         status = "draining" if self.draining else "ok"
-        return {
+        backend = self.settings.asr_backend
+        health: dict[str, Any] = {
             "status": status,
+            "instance": self.instance_id,
             "active_calls": len(self.calls),
             "redis": "ok" if redis_ok else "unreachable",
             "publish_backlog": self.publisher.backlog,
-            "asr_model": self.settings.asr_model,
+            "asr_backend": backend,
+            "asr": "ok",
         }
+        if backend == "embedded":
+            health["asr_model"] = self.settings.asr_model
+        elif backend == "pool":
+            health["asr_workers"] = self.asr_workers
+            if not self.asr_workers:  # 0, or unknown while Redis is unreachable
+                health["asr"] = "no-workers"
+        elif backend == "openai":
+            health["asr_url"] = self.settings.asr_openai_url
+        return health
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)

@@ -1,4 +1,4 @@
-"""The ``earshot`` command line: run, tail, config, db, persist, users."""
+"""The ``earshot`` command line: run, worker, status, tail, config, db, persist, users."""
 
 from __future__ import annotations
 
@@ -88,6 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
     run.add_argument("--sip-port", type=int, help="SIP port for UDP and TCP (default 5060)")
     run.add_argument("--http-port", type=int, help="HTTP port for /healthz and /metrics (default 8080)")
+    run.add_argument("--asr", choices=("embedded", "pool", "openai"),
+                     help="where turns are transcribed (asr_backend; default embedded)")
+
+    worker = sub.add_parser("worker", help="serve the ASR pool: transcription jobs from Redis Streams")
+    worker.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
+    worker.add_argument("--http-port", type=int, help="port for /healthz and /metrics (default 8090)")
+    worker.add_argument("--model", help="ASR model (asr_model: tiny.en, a CTranslate2 directory, large-v3-turbo...)")
+    worker.add_argument("--device", help="auto (CUDA where present), cpu, cuda, cuda:N (asr_device)")
+    worker.add_argument("--compute-type", help="default (float16 on GPU, int8 on CPU), int8, float16... "
+                        "(asr_compute_type)")
+    worker.add_argument("--batch", type=int, help="jobs decoded in one model call (asr_max_batch)")
+    worker.add_argument("--batch-wait-ms", type=float, help="wait up to this long for a batch to fill "
+                        "(asr_batch_wait_ms)")
+    worker.add_argument("--threads", type=int, help="decoding threads sharing the model (asr_workers)")
+    worker.add_argument("--id", help="worker id (worker_id; default <host>-<pid>-<random>)")
+
+    status = sub.add_parser("status", help="ASR workers, job queues and gateway instances, as Redis sees them")
+    status.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
 
     tail = sub.add_parser("tail", help="follow the event stream and print transcripts")
     tail.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
@@ -104,11 +123,25 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "run":
-        settings = _settings(args, sip_port=args.sip_port, http_port=args.http_port)
+        settings = _settings(args, sip_port=args.sip_port, http_port=args.http_port, asr_backend=args.asr)
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
             return runner.run(_run(settings))
+    if args.command == "worker":
+        from .asr.remote.service import run_worker
+
+        settings = _settings(args, worker_http_port=args.http_port, asr_model=args.model, asr_device=args.device,
+                             asr_compute_type=args.compute_type, asr_max_batch=args.batch,
+                             asr_batch_wait_ms=args.batch_wait_ms, asr_workers=args.threads, worker_id=args.id)
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            return runner.run(run_worker(settings))
+    if args.command == "status":
+        from .status import status_command
+
+        return status_command(_settings(args), as_json=args.json)
     if args.command == "tail":
         from .tail import tail as run_tail
 

@@ -10,6 +10,7 @@ or the variable name) instead of surfacing later as an odd failure deep in a cal
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +21,9 @@ import yaml
 from .yamlfile import compose_file, scalar
 
 ENV_PREFIX = "EARSHOT_"
+# EARSHOT_* variables that are not settings: the file itself, the split-wheel model cache
+# (gateway/asr/models.py) and the tests' Redis.
+NOT_SETTINGS = frozenset({"EARSHOT_CONFIG", "EARSHOT_CACHE_DIR", "EARSHOT_TEST_REDIS_URL"})
 
 
 class ConfigError(ValueError):
@@ -56,7 +60,11 @@ class Settings:
     call_stream_maxlen: int = 2_000
     call_stream_ttl_s: int = 86_400
     publish_buffer: int = 1_000_000
-    # ASR
+    # ASR: where turns are transcribed
+    asr_backend: str = "embedded"  # embedded: in this process; pool: `earshot worker`s via Redis; openai: an HTTP server
+    asr_final_timeout_s: float = 15.0  # a final with no result by then is published with error asr-timeout
+    asr_partial_timeout_s: float = 2.0  # a partial with no result by then is dropped
+    # ASR model and engine (the embedded backend and `earshot worker`)
     asr_model: str = "tiny.en"  # "none": media plane only, nothing is transcribed (benchmarks)
     asr_device: str = "auto"
     asr_compute_type: str = "default"  # default: int8 on CPU, float16 on GPU
@@ -68,10 +76,30 @@ class Settings:
     asr_local_files_only: bool = False
     asr_partials: bool = True
     asr_max_batch: int = 2  # finals (or partials) of several calls decoded in one model call
+    asr_batch_wait_ms: float = 0.0  # wait up to this long for a batch to fill; 0: never wait (docs/gpu.md)
     asr_overload_backlog: int = 8  # more finals waiting than this: finals use the short window; 0: never
     asr_context_tokens: int = 32  # decode each turn conditioned on this many tokens of the leg's earlier text; 0: off
     asr_beam_size: int = 2  # beam search width for finals (1: greedy); partials are greedy (docs/asr.md)
     asr_context_audio_s: float = 10.0  # finals hear up to this much of the leg's previous turns first; 0: off
+    # ASR pool (asr_backend: pool, and `earshot worker`): job streams <stream_prefix>:asr:jobs:{final,partial}
+    asr_pool_group: str = "earshot-asr"  # the workers' consumer group
+    asr_pool_claim_idle_s: float = 5.0  # a job held this long by a worker that stopped answering is redone elsewhere
+    asr_pool_heartbeat_s: float = 2.0  # workers and gateways write a heartbeat this often (gone after 3 missed)
+    asr_pool_prefetch: int = 0  # jobs a worker holds beyond those running; 0: asr_max_batch per thread
+    asr_pool_max_deliveries: int = 3  # a job delivered this often without an answer is answered with an error
+    asr_pool_stream_maxlen: int = 100_000  # cap on each job stream (approximate MAXLEN)
+    asr_pool_session_limit: int = 4  # jobs of one call (per kind) in Redis at once; more wait in the gateway
+    # ASR over an OpenAI-compatible /v1/audio/transcriptions server (asr_backend: openai)
+    asr_openai_url: str = ""  # base URL, e.g. http://asr.example:8000/v1
+    asr_openai_api_key: str = ""
+    asr_openai_model: str = "whisper-1"
+    asr_openai_concurrency: int = 4  # requests in flight at once
+    asr_openai_partials: bool = False  # also send partials (one HTTP request each)
+    # this process in the pool and in `earshot status`
+    instance_id: str = ""  # gateway instance id (its ASR reply stream, its heartbeat); empty: <host>-<pid>-<random>
+    worker_id: str = ""  # `earshot worker` id; empty: <host>-<pid>-<random>
+    worker_http_host: str = "127.0.0.1"  # `earshot worker` /healthz and /metrics
+    worker_http_port: int = 8090
     # audio, VAD and turns
     resampler: str = "polyphase"
     vad_threshold: float = 0.5
@@ -133,6 +161,28 @@ class Settings:
                "must be one of polyphase, ratecv, soxr")
         _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level",
                "must be one of debug, info, warning, error")
+        _check(self.asr_backend in ("embedded", "pool", "openai"), "asr_backend",
+               "must be embedded, pool or openai")
+        _check(_finite(self.asr_final_timeout_s) and 0.5 <= self.asr_final_timeout_s <= 600, "asr_final_timeout_s",
+               "must be 0.5 to 600 seconds")
+        _check(_finite(self.asr_partial_timeout_s) and 0.1 <= self.asr_partial_timeout_s <= 60,
+               "asr_partial_timeout_s", "must be 0.1 to 60 seconds")
+        _check(_finite(self.asr_batch_wait_ms) and 0 <= self.asr_batch_wait_ms <= 1000, "asr_batch_wait_ms",
+               "must be 0 (never wait) to 1000 ms")
+        _check(bool(self.asr_pool_group.strip()), "asr_pool_group", "must not be empty")
+        _check(_finite(self.asr_pool_claim_idle_s) and 0.5 <= self.asr_pool_claim_idle_s <= 3600,
+               "asr_pool_claim_idle_s", "must be 0.5 to 3600 seconds")
+        _check(_finite(self.asr_pool_heartbeat_s) and 0.1 <= self.asr_pool_heartbeat_s <= 60,
+               "asr_pool_heartbeat_s", "must be 0.1 to 60 seconds")
+        _check(0 <= self.asr_pool_prefetch <= 4096, "asr_pool_prefetch", "must be 0 (automatic) to 4096")
+        _check(1 <= self.asr_pool_max_deliveries <= 100, "asr_pool_max_deliveries", "must be 1 to 100")
+        _check(self.asr_pool_stream_maxlen >= 1000, "asr_pool_stream_maxlen", "must be at least 1000")
+        _check(1 <= self.asr_pool_session_limit <= 1024, "asr_pool_session_limit", "must be 1 to 1024")
+        _check(1 <= self.asr_openai_concurrency <= 256, "asr_openai_concurrency", "must be 1 to 256")
+        _check(self.asr_backend != "openai" or self.asr_openai_url.startswith(("http://", "https://")),
+               "asr_openai_url", "must be an http:// or https:// base URL (e.g. http://host:8000/v1) "
+               "when asr_backend is openai")
+        _check(0 <= self.worker_http_port <= 65535, "worker_http_port", "must be 0..65535")
         _check(self.asr_workers >= 1, "asr_workers", "must be at least 1")
         _check(self.asr_max_batch >= 1, "asr_max_batch", "must be at least 1")
         _check(self.asr_overload_backlog >= 0, "asr_overload_backlog", "must be 0 (off) or more")
@@ -160,11 +210,21 @@ class Settings:
             _check(ok, "asr_window", "must be 'auto', 'short' or seconds between 1 and 30")
 
     @property
+    def asr_pool_names(self):  # -> gateway.asr.remote.wire.PoolNames (imported lazily: config stays light)
+        from .asr.remote.wire import PoolNames
+
+        return PoolNames(self.stream_prefix, self.asr_pool_group)
+
+    @property
     def events_stream(self) -> str:
         return f"{self.stream_prefix}:events"
 
     def call_stream(self, call_id: str) -> str:
         return f"{self.stream_prefix}:call:{call_id}"
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -244,7 +304,7 @@ def load_settings(
             for name, (raw, where) in found.items():
                 values[name] = _coerce(name, raw, where)
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in _FIELDS:

@@ -53,6 +53,39 @@ class _SnapshotCollector(Collector):
             ("persister_db_failures", "Failed SQL transactions (retried)"),
         ):
             yield CounterMetricFamily(f"earshot_{name}", help_text, value=s.get(name, 0))
+        errors = CounterMetricFamily("earshot_turn_errors", "Finals published with an error, by its code",
+                                     labels=["error"])
+        for code, count in sorted(s.get("turn_errors", {}).items()):
+            errors.add_metric([code], count)
+        yield errors
+        if "asr_pool_workers" in s:
+            yield GaugeMetricFamily("earshot_asr_pool_workers", "Live ASR pool workers (by their heartbeats)",
+                                    value=s["asr_pool_workers"])
+        for name, help_text in (
+            ("asr_remote_sent", "Jobs sent to the ASR pool, by kind"),
+            ("asr_remote_requests", "Requests sent to the OpenAI-compatible server, by kind"),
+            ("asr_remote_timeouts", "Remote ASR requests that got no result by their deadline, by kind"),
+        ):
+            if name in s:
+                family = CounterMetricFamily(f"earshot_{name}", help_text, labels=["kind"])
+                for kind, count in sorted(s[name].items()):
+                    family.add_metric([kind], count)
+                yield family
+        for name, help_text in (
+            ("asr_remote_results", "Results received from the remote ASR backend"),
+            ("asr_remote_duplicates", "Second results for a job already answered (a reclaimed job done twice)"),
+            ("asr_remote_late", "Results that came after their request timed out or was withdrawn"),
+            ("asr_remote_superseded", "Partials superseded before their result came"),
+            ("asr_remote_cancelled", "Remote requests withdrawn by the call (speech resumed)"),
+            ("asr_remote_remote_errors", "Error replies from pool workers"),
+            ("asr_remote_resent", "Pool jobs sent again after Redis restarted"),
+            ("asr_remote_send_failures", "Failed attempts to send a pool job (retried until its deadline)"),
+            ("asr_remote_bad_replies", "Unreadable pool replies"),
+            ("asr_remote_errors", "Failed requests to the OpenAI-compatible server"),
+            ("asr_remote_gated", "Requests the energy gate answered as silence without sending them"),
+        ):
+            if name in s:
+                yield CounterMetricFamily(f"earshot_{name}", help_text, value=s[name])
 
 
 class Metrics:

@@ -30,7 +30,14 @@ from typing import Callable
 
 import numpy as np
 
-from .asr.interface import Superseded, TranscriberClosed, Transcriber, TranscriptionRequest, TranscriptionResult
+from .asr.interface import (
+    Superseded,
+    TranscriberClosed,
+    Transcriber,
+    TranscriptionError,
+    TranscriptionRequest,
+    TranscriptionResult,
+)
 from .events import TURN_FINAL, TURN_PARTIAL, Event, EventFactory
 from .media.resample import upsample_8k_to_16k
 from .media.turn import (
@@ -99,11 +106,19 @@ class LegPipeline:
         context: bool = True,
         context_audio_s: float = 0.0,
         origin_ms: Callable[[], float] = lambda: 0.0,
-        on_final: Callable[[str, TranscriptionResult | None], None] | None = None,
+        on_final: Callable[[str, TranscriptionResult | None, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        session: str = "",
+        final_timeout_s: float | None = None,
+        partial_timeout_s: float | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.key = key
         self.leg = leg
+        self.session = session
+        self._final_timeout_s = final_timeout_s
+        self._partial_timeout_s = partial_timeout_s
+        self._wall = wall_clock
         self._events = events
         self._publish = publish
         self._transcriber = transcriber
@@ -242,13 +257,17 @@ class LegPipeline:
         speculative: bool,
     ) -> None:
         result: TranscriptionResult | None
+        error = ""
         try:
             result = await task
         except asyncio.CancelledError:
             raise
+        except TranscriptionError as exc:
+            log.warning("no transcript for %s turn %d: %s (%s)", self.key, seq, exc.code, exc)
+            result, error = None, exc.code
         except Exception:
             log.exception("ASR failed for %s turn %d", self.key, seq)
-            result = None
+            result, error = None, "asr-failed"
         if previous is not None:
             try:
                 await previous
@@ -256,9 +275,9 @@ class LegPipeline:
                 pass
         self._remember(event.turn, result)
         if self._on_final is not None:
-            self._on_final(event.reason, result)
+            self._on_final(event.reason, result, error)
         text = result.text.strip() if result is not None else ""
-        if not text and not self._partials_published.get(event.turn):
+        if not text and not error and not self._partials_published.get(event.turn):
             return  # no words in this turn and nothing said about it yet: publish nothing
         origin = self._origin_ms()
         data = {
@@ -273,7 +292,7 @@ class LegPipeline:
             data.update(_result_fields(result))
             data["asr"]["speculative"] = speculative
         else:
-            data["error"] = "asr-failed"
+            data["error"] = error
         self._publish(self._events.make(TURN_FINAL, data, leg=self.leg, speech_end_monotonic=speech_end))
         self.turns_published += 1
 
@@ -287,7 +306,7 @@ class LegPipeline:
     async def _publish_partial(self, event: PartialDue) -> None:
         try:
             result = await self._transcribe(event, "partial")
-        except (Superseded, TranscriberClosed, asyncio.CancelledError):
+        except (Superseded, TranscriberClosed, TranscriptionError, asyncio.CancelledError):
             return
         except Exception:
             log.exception("partial ASR failed for %s", self.key)
@@ -321,13 +340,16 @@ class LegPipeline:
         ``asyncio.wait`` neither raises the previous turn's error nor cancels
         it when this (speculative) request is cancelled.
         """
+        timeout = self._final_timeout_s if kind == "final" else self._partial_timeout_s
+        deadline = self._wall() + timeout if timeout else None  # from now: the end of the turn (or the partial)
         samples = self._upsampled(event.turn, event.start_sample, event.audio)
         if kind == "final":
             self._turn_audio[event.turn] = samples
         if self._use_context and after is not None and not after.done():
             await asyncio.wait((after,))
         request = TranscriptionRequest(audio=samples, kind=kind, language=self._language,  # type: ignore[arg-type]
-                                       key=self.key, **self._context_fields(kind))
+                                       key=self.key, session=self.session, turn=event.turn,
+                                       deadline=deadline, **self._context_fields(kind))
         return await self._transcriber.transcribe(request)
 
     def _context_fields(self, kind: str) -> dict[str, object]:

@@ -173,3 +173,81 @@ def by_call(events: list[dict]) -> dict[str, list[dict]]:
     for event in events:
         calls.setdefault(event["sip_call_id"], []).append(event)
     return calls
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[str]
+    worker_id: str
+    http_port: int
+    output: list[str] = field(default_factory=list)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies holding whatever jobs it has."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's /metrics as {name{labels}: value}."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return parse_metrics(text)
+
+    def log(self) -> str:
+        return "".join(self.output[-200:])
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def start_worker(prefix: str, extra_env: dict[str, str] | None = None, ready_timeout: float = 120) -> WorkerProcess:
+    """`earshot worker` on the gateway's stream prefix, with its own id and HTTP port."""
+    http_port = free_port()
+    worker_id = f"w-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ)
+    env.update({
+        "EARSHOT_REDIS_URL": REDIS_URL,
+        "EARSHOT_STREAM_PREFIX": prefix,
+        "EARSHOT_WORKER_ID": worker_id,
+        "EARSHOT_WORKER_HTTP_PORT": str(http_port),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra_env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "worker"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    worker = WorkerProcess(proc, worker_id, http_port)
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            worker.output.append(line)
+            if "earshot worker: ready" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + ready_timeout
+    while not ready.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            worker.stop(5)
+            raise RuntimeError(f"worker did not start:\n{worker.log()}")
+    return worker

@@ -1,0 +1,1 @@
+"""The remote ASR backends: the Redis Streams worker pool and OpenAI-compatible servers."""

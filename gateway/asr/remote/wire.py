@@ -1,0 +1,310 @@
+"""The ASR pool's wire format: jobs and replies as Redis stream entries, and the key names.
+
+Sans-I/O: plain functions from a :class:`~gateway.asr.interface.TranscriptionRequest`
+to stream-entry fields and back, with every field of a received entry checked
+(a worker must survive any entry a buggy or hostile producer writes; a bad one
+becomes a :class:`WireError` naming the field, never a crash).
+
+A job entry has three fields:
+
+- ``meta``: JSON with the request's scalar fields (id, kind, key, session,
+  turn, language, prompt, context text, deadline), the audio's sample rate,
+  the reply stream and the time it was sent;
+- ``audio``: the turn as 16-bit little-endian PCM at ``meta.rate``;
+- ``context``: the context audio the same way (optional).
+
+16-bit PCM at its native rate is half the size of the float32 the engine
+uses (a final with 10 s of context and a 5 s turn is 480 KB of int16 at
+16 kHz, not 960 KB), and the turn came from 16-bit G.711 audio in the first
+place. A reply entry carries one ``reply`` field, JSON: the result, or an
+error code with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..interface import SAMPLE_RATE, TranscriptionRequest, TranscriptionResult
+
+__all__ = [
+    "MAX_AUDIO_S",
+    "WIRE_VERSION",
+    "Job",
+    "PoolNames",
+    "Reply",
+    "WireError",
+    "decode_job",
+    "decode_reply",
+    "encode_job",
+    "encode_reply",
+    "float_from_pcm16",
+    "pcm16_from_float",
+]
+
+WIRE_VERSION = 1
+MAX_AUDIO_S = 120.0  # longer audio in one job is refused (a turn is at most max_turn_s)
+RATES = (8000, 16000)
+_MAX_TEXT = 16_384  # characters of prompt or context text
+
+
+class WireError(ValueError):
+    """An entry that is not a valid job or reply; ``reply_to`` when that much could be read."""
+
+    def __init__(self, reason: str, *, request_id: str = "", reply_to: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+        self.reply_to = reply_to
+
+
+@dataclass(frozen=True)
+class PoolNames:
+    """Redis key names of one pool (all under the gateway's ``stream_prefix``)."""
+
+    prefix: str = "earshot"
+    group: str = "earshot-asr"  # the workers' consumer group on both job streams
+
+    def jobs(self, kind: str) -> str:
+        """Finals and partials have a stream each: a worker reads finals first."""
+        return f"{self.prefix}:asr:jobs:{kind}"
+
+    @property
+    def job_streams(self) -> tuple[str, str]:
+        return self.jobs("final"), self.jobs("partial")
+
+    def replies(self, instance: str) -> str:
+        """The reply stream of one gateway instance."""
+        return f"{self.prefix}:asr:replies:{instance}"
+
+    def cancel(self, request_id: str) -> str:
+        """Present (with a TTL) when the gateway no longer wants the job's result."""
+        return f"{self.prefix}:asr:cancel:{request_id}"
+
+    def worker(self, worker_id: str) -> str:
+        """A worker's heartbeat (JSON, with a TTL of a few heartbeats)."""
+        return f"{self.prefix}:asr:worker:{worker_id}"
+
+    @property
+    def workers_pattern(self) -> str:
+        return f"{self.prefix}:asr:worker:*"
+
+    def gateway(self, instance: str) -> str:
+        """A gateway instance's heartbeat (JSON, with a TTL)."""
+        return f"{self.prefix}:gateway:{instance}"
+
+    @property
+    def gateways_pattern(self) -> str:
+        return f"{self.prefix}:gateway:*"
+
+
+def pcm16_from_float(audio: np.ndarray) -> bytes:
+    """float32 in [-1, 1] -> 16-bit little-endian PCM (clipped, rounded)."""
+    scaled = np.clip(np.rint(audio.astype(np.float64) * 32768.0), -32768, 32767)
+    return scaled.astype("<i2").tobytes()
+
+
+def float_from_pcm16(data: bytes) -> np.ndarray:
+    """16-bit little-endian PCM -> float32 in [-1, 1)."""
+    return (np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(32768.0))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as a worker reads it."""
+
+    request: TranscriptionRequest
+    reply_to: str
+    sent_at: float  # the sender's wall clock
+    rate: int  # sample rate the audio came in at
+
+
+def encode_job(request: TranscriptionRequest, reply_to: str, sent_at: float) -> dict[str, bytes]:
+    meta = {
+        "v": WIRE_VERSION,
+        "id": request.request_id,
+        "kind": request.kind,
+        "key": request.key,
+        "session": request.session,
+        "turn": request.turn,
+        "language": request.language,
+        "prompt": request.prompt,
+        "context_text": request.context_text,
+        "deadline": request.deadline,
+        "rate": SAMPLE_RATE,
+        "reply": reply_to,
+        "sent": sent_at,
+    }
+    fields = {"meta": json.dumps(meta, separators=(",", ":")).encode(), "audio": pcm16_from_float(request.audio)}
+    if request.context_audio is not None and request.context_audio.size:
+        fields["context"] = pcm16_from_float(request.context_audio)
+    return fields
+
+
+def _field(fields: Mapping[Any, Any], name: str) -> bytes | None:
+    value = fields.get(name, fields.get(name.encode()))
+    if value is None:
+        return None
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _text(meta: dict[str, Any], name: str, *, optional: bool = True, limit: int = _MAX_TEXT) -> str | None:
+    value = meta.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise WireError(f"meta.{name} must be a string")
+    if len(value) > limit:
+        raise WireError(f"meta.{name} is longer than {limit} characters")
+    return value
+
+
+def _audio(data: bytes | None, name: str, rate: int) -> np.ndarray:
+    if data is None:
+        raise WireError(f"field {name!r} is missing")
+    if len(data) % 2:
+        raise WireError(f"field {name!r} has an odd number of bytes (not 16-bit PCM)")
+    if len(data) // 2 > MAX_AUDIO_S * rate:
+        raise WireError(f"field {name!r} holds more than {MAX_AUDIO_S:.0f} s of audio")
+    if rate == SAMPLE_RATE:
+        return float_from_pcm16(data)
+    from ...media.resample import upsample_8k_to_16k  # 8 kHz: the gateway's own resampler
+
+    return np.ascontiguousarray(upsample_8k_to_16k(data, method="polyphase"), dtype=np.float32)
+
+
+def decode_job(fields: Mapping[Any, Any]) -> Job:
+    """A job entry's fields -> :class:`Job`; :class:`WireError` names what is wrong."""
+    raw = _field(fields, "meta")
+    if raw is None:
+        raise WireError("field 'meta' is missing")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"field 'meta' is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise WireError("field 'meta' must be a JSON object")
+    request_id = meta.get("id") if isinstance(meta.get("id"), str) else ""
+    reply_to = meta.get("reply") if isinstance(meta.get("reply"), str) else ""
+    try:
+        if meta.get("v") != WIRE_VERSION:
+            raise WireError(f"meta.v must be {WIRE_VERSION}, got {meta.get('v')!r}")
+        if not request_id or len(request_id) > 128:
+            raise WireError("meta.id must be a non-empty string of at most 128 characters")
+        if not reply_to or len(reply_to) > 512:
+            raise WireError("meta.reply must be a non-empty stream name")
+        kind = meta.get("kind")
+        if kind not in ("final", "partial"):
+            raise WireError(f"meta.kind must be 'final' or 'partial', got {kind!r}")
+        rate = meta.get("rate")
+        if rate not in RATES or isinstance(rate, bool):
+            raise WireError(f"meta.rate must be one of {RATES}, got {rate!r}")
+        turn = meta.get("turn", 0)
+        if isinstance(turn, bool) or not isinstance(turn, int) or turn < 0:
+            raise WireError("meta.turn must be a non-negative integer")
+        deadline = meta.get("deadline")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not math.isfinite(deadline)):
+            raise WireError("meta.deadline must be a number (seconds since the epoch) or null")
+        sent = meta.get("sent", 0.0)
+        if isinstance(sent, bool) or not isinstance(sent, (int, float)) or not math.isfinite(sent):
+            raise WireError("meta.sent must be a number (seconds since the epoch)")
+        language = _text(meta, "language", limit=16) or None
+        prompt = _text(meta, "prompt")
+        context_text = _text(meta, "context_text") or ""
+        key = _text(meta, "key", limit=512) or ""
+        session = _text(meta, "session", limit=512) or ""
+        audio = _audio(_field(fields, "audio"), "audio", rate)
+        context_raw = _field(fields, "context")
+        context = _audio(context_raw, "context", rate) if context_raw else None
+        if context is not None and not context_text.strip():
+            raise WireError("field 'context' needs its transcript in meta.context_text")
+        try:
+            request = TranscriptionRequest(
+                audio=audio, kind=kind, language=language, prompt=prompt, key=key, context_audio=context,
+                context_text=context_text if context is not None else "", deadline=deadline, session=session,
+                turn=turn, request_id=request_id)
+        except (TypeError, ValueError) as exc:
+            raise WireError(str(exc)) from None
+    except WireError as exc:
+        exc.request_id, exc.reply_to = request_id, reply_to
+        raise
+    return Job(request, reply_to, float(sent), rate)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A worker's answer to one job: a result, or an error code (``asr-failed``, ``bad-request``)."""
+
+    request_id: str
+    result: TranscriptionResult | None
+    error: str = ""
+    message: str = ""
+    worker: str = ""
+    queued_s: float = 0.0  # from sent to started, by the two machines' clocks
+    batch: int = 0  # size of the batch it was decoded in
+
+
+_RESULT_FIELDS = ("text", "language", "language_probability", "avg_logprob", "no_speech_prob", "compression_ratio",
+                  "audio_seconds", "processing_seconds", "model", "silence")
+
+
+def encode_reply(reply: Reply) -> dict[str, bytes]:
+    body: dict[str, Any] = {"v": WIRE_VERSION, "id": reply.request_id, "worker": reply.worker,
+                            "queued_s": round(reply.queued_s, 4), "batch": reply.batch}
+    if reply.result is not None:
+        body["result"] = {name: getattr(reply.result, name) for name in _RESULT_FIELDS}
+    else:
+        body["error"] = reply.error or "asr-failed"
+        body["message"] = reply.message[:2000]
+    return {"reply": json.dumps(body, separators=(",", ":")).encode()}
+
+
+def decode_reply(fields: Mapping[Any, Any]) -> Reply:
+    raw = _field(fields, "reply")
+    if raw is None:
+        raise WireError("field 'reply' is missing")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"field 'reply' is not JSON: {exc}") from None
+    if not isinstance(body, dict) or body.get("v") != WIRE_VERSION:
+        raise WireError(f"reply must be a JSON object with v={WIRE_VERSION}")
+    request_id = body.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise WireError("reply.id must be a non-empty string")
+    worker = body.get("worker") if isinstance(body.get("worker"), str) else ""
+    queued = body.get("queued_s", 0.0)
+    batch = body.get("batch", 0)
+    queued_s = float(queued) if isinstance(queued, (int, float)) and not isinstance(queued, bool) else 0.0
+    batch_n = batch if isinstance(batch, int) and not isinstance(batch, bool) else 0
+    result = body.get("result")
+    if result is None:
+        error = body.get("error")
+        if not isinstance(error, str) or not error:
+            raise WireError("reply needs 'result' or 'error'", request_id=request_id)
+        message = body.get("message") if isinstance(body.get("message"), str) else ""
+        return Reply(request_id, None, error, message, worker, queued_s, batch_n)
+    if not isinstance(result, dict):
+        raise WireError("reply.result must be an object", request_id=request_id)
+    try:
+        values = {name: result[name] for name in _RESULT_FIELDS}
+    except KeyError as exc:
+        raise WireError(f"reply.result.{exc.args[0]} is missing", request_id=request_id) from None
+    for name in ("text", "language", "model"):
+        if not isinstance(values[name], str):
+            raise WireError(f"reply.result.{name} must be a string", request_id=request_id)
+    if not isinstance(values["silence"], bool):
+        raise WireError("reply.result.silence must be true or false", request_id=request_id)
+    for name in ("language_probability", "avg_logprob", "no_speech_prob", "compression_ratio", "audio_seconds",
+                 "processing_seconds"):
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise WireError(f"reply.result.{name} must be a finite number", request_id=request_id)
+        values[name] = float(value)
+    return Reply(request_id, TranscriptionResult(**values), worker=worker, queued_s=queued_s, batch=batch_n)
