@@ -46,4 +46,12 @@ done
 .venv/bin/python -m pip install -q --no-deps 'silero-vad==6.2.3'
 .venv/bin/python -c 'import gateway.media.vad as v; v.default_model_path()' \
   || { echo "setup: silero-vad model missing" >&2; exit 1; }
+
+# Test peer: faster-whisper-server, an OpenAI-compatible /v1/audio/transcriptions server nobody
+# here wrote (tests/peers.py starts it for the asr_backend=openai tests), in its own venv so that
+# its pins never touch .venv.
+[ -x .venv-peers/bin/python ] || "$PY" -m venv .venv-peers
+.venv-peers/bin/python -m pip install -q 'faster-whisper-server==0.0.3' 'faster-whisper==1.2.1'
+HF_HUB_OFFLINE=1 .venv-peers/bin/faster-whisper-server --help >/dev/null \
+  || { echo "setup: faster-whisper-server missing from .venv-peers" >&2; exit 1; }
 echo "setup: done (.venv/bin/earshot is ready)"
