@@ -133,7 +133,9 @@ class Settings:
     log_level: str = "info"
 
     def validate(self) -> None:
-        """Cross-field checks; single values are checked when parsed."""
+        """Every number against its range (``RANGES``), then the checks of single values
+        and between fields."""
+        _check_ranges(self)
         _check(1 <= self.sip_port <= 65535, "sip_port", "must be 1..65535")
         _check(self.sip_tcp_idle_s == 0 or self.sip_tcp_idle_s >= 1, "sip_tcp_idle_s", "must be 0 (never) or at least 1 second")
         _check(0 <= self.http_port <= 65535, "http_port", "must be 0..65535")
@@ -223,6 +225,65 @@ class Settings:
         return f"{self.stream_prefix}:call:{call_id}"
 
 
+# The allowed range (inclusive) of every number setting. validate() refuses NaN, infinities
+# and anything outside, naming the field; a number setting missing here fails at import.
+RANGES: dict[str, tuple[float, float]] = {
+    "sip_port": (1, 65535),
+    "sip_tcp_idle_s": (0, 86_400),
+    "rtp_port_min": (1024, 65535),
+    "rtp_port_max": (1024, 65535),
+    "rtp_jitter_ms": (0, 1000),
+    "media_timeout_s": (1, 3600),
+    "max_calls": (1, 100_000),
+    "retry_after_s": (1, 3600),
+    "drain_timeout_s": (0, 3600),
+    "http_port": (0, 65535),
+    "stream_maxlen": (1000, 1_000_000_000),
+    "call_stream_maxlen": (100, 10_000_000),
+    "call_stream_ttl_s": (60, 2_592_000),
+    "publish_buffer": (1000, 100_000_000),
+    "asr_final_timeout_s": (0.5, 600),
+    "asr_partial_timeout_s": (0.1, 60),
+    "asr_threads": (0, 256),
+    "asr_decoder_threads": (0, 64),
+    "asr_workers": (1, 64),
+    "asr_max_batch": (1, 256),
+    "asr_batch_wait_ms": (0, 1000),
+    "asr_overload_backlog": (0, 100_000),
+    "asr_context_tokens": (0, 223),
+    "asr_beam_size": (1, 10),
+    "asr_context_audio_s": (0, 20),
+    "asr_pool_claim_idle_s": (0.5, 3600),
+    "asr_pool_heartbeat_s": (0.1, 60),
+    "asr_pool_prefetch": (0, 4096),
+    "asr_pool_max_deliveries": (1, 100),
+    "asr_pool_stream_maxlen": (1000, 1_000_000_000),
+    "asr_pool_session_limit": (1, 1024),
+    "asr_openai_concurrency": (1, 256),
+    "worker_http_port": (0, 65535),
+    "vad_threshold": (0.01, 0.99),
+    "silence_ms": (64, 10_000),
+    "min_speech_ms": (32, 10_000),
+    "pad_before_ms": (0, 2000),
+    "pad_after_ms": (0, 2000),
+    "speculative_ms": (0, 10_000),
+    "max_turn_s": (2, 120),
+    "partial_interval_ms": (100, 60_000),
+    "persister_batch": (1, 10_000),
+    "persister_claim_idle_s": (1, 86_400),
+    "web_session_ttl_s": (60, 2_592_000),
+    "web_live_window_s": (60, 604_800),
+    "web_sse_queue": (8, 100_000),
+}
+
+
+def _check_ranges(settings: "Settings") -> None:
+    for name, (low, high) in RANGES.items():
+        value = getattr(settings, name)
+        if not _finite(value) or not low <= value <= high:
+            raise ConfigError(f"{name}: must be a number from {low:g} to {high:g}, got {value!r}")
+
+
 def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -233,6 +294,9 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
+_UNRANGED = {name for name, f in _FIELDS.items() if f.type in ("int", "float")} ^ set(RANGES)
+if _UNRANGED:
+    raise RuntimeError(f"gateway.config.RANGES and Settings disagree on {sorted(_UNRANGED)}")
 
 
 def _coerce(name: str, raw: Any, where: str) -> Any:
