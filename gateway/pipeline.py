@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .asr.interface import (
+    SourceAudio,
     Superseded,
     TranscriberClosed,
     Transcriber,
@@ -67,6 +68,7 @@ CONTEXT_MIN_LOGPROB = -1.0
 CONTEXT_MAX_COMPRESSION = 2.4
 CONTEXT_GAP_S = 0.3  # silence laid between context turns and before the new one (docs/asr.md)
 _NO_AUDIO = np.zeros(0, np.float32)
+_NO_PCM = np.zeros(0, np.int16)
 
 # Input samples (8 kHz) on each side that a resampler's output depends on: the polyphase
 # filter reaches 32, ratecv 1; 512 (64 ms) leaves room for soxr's longer filter.
@@ -79,6 +81,15 @@ class _Resampled:
     start_sample: int
     samples: int  # 8 kHz input samples resampled
     out: np.ndarray  # their 16 kHz float32 samples
+
+
+@dataclass(frozen=True, eq=False)
+class _Context:
+    """A trusted final kept as context: its text, its 16 kHz audio and that audio's 8 kHz source."""
+
+    text: str
+    audio: np.ndarray
+    pcm: np.ndarray
 
 
 @dataclass
@@ -128,9 +139,9 @@ class LegPipeline:
         self._partials = partials and turn_config.partial_interval_ms > 0
         self._use_context = context
         self._context_audio_s = context_audio_s if context else 0.0
-        # (text, 16 kHz audio) of the leg's recent trusted finals, oldest first
-        self._context: collections.deque[tuple[str, np.ndarray]] = collections.deque(maxlen=2 * CONTEXT_TURNS)
-        self._turn_audio: dict[int, np.ndarray] = {}  # 16 kHz audio of each final's request, until published
+        # (text, 16 kHz audio, its 8 kHz source) of the leg's recent trusted finals, oldest first
+        self._context: collections.deque[_Context] = collections.deque(maxlen=2 * CONTEXT_TURNS)
+        self._turn_audio: dict[int, _Context] = {}  # audio of each final's request, until published
         self._origin_ms = origin_ms
         self._on_final = on_final
         self._clock = clock
@@ -342,37 +353,44 @@ class LegPipeline:
         """
         timeout = self._final_timeout_s if kind == "final" else self._partial_timeout_s
         deadline = self._wall() + timeout if timeout else None  # from now: the end of the turn (or the partial)
-        samples = self._upsampled(event.turn, event.start_sample, event.audio)
         if kind == "final":
-            self._turn_audio[event.turn] = samples
+            # the whole turn at once: exactly what a pool worker rebuilds from the 8 kHz source
+            samples = upsample_8k_to_16k(event.audio, method=self._resampler)
+            self._resampled = _Resampled(event.turn, event.start_sample, event.audio.size, samples)
+            self._turn_audio[event.turn] = _Context("", samples, event.audio)
+        else:
+            samples = self._upsampled(event.turn, event.start_sample, event.audio)
         if self._use_context and after is not None and not after.done():
             await asyncio.wait((after,))
         request = TranscriptionRequest(audio=samples, kind=kind, language=self._language,  # type: ignore[arg-type]
                                        key=self.key, session=self.session, turn=event.turn,
-                                       deadline=deadline, **self._context_fields(kind))
+                                       deadline=deadline, **self._context_fields(kind, event.audio))
         return await self._transcriber.transcribe(request)
 
-    def _context_fields(self, kind: str) -> dict[str, object]:
+    def _context_fields(self, kind: str, pcm: np.ndarray) -> dict[str, object]:
         """Request fields carrying the leg's earlier turns: the most recent ones that fit in
-        ``context_audio_s`` as audio + transcript (finals only), older ones as the prompt."""
-        if not self._use_context or not self._context:
-            return {}
-        entries = list(self._context)
-        heard: list[tuple[str, np.ndarray]] = []
-        seconds = 0.0
-        if kind == "final":
-            while (entries and entries[-1][1].size
-                   and seconds + entries[-1][1].size / 16000 + CONTEXT_GAP_S <= self._context_audio_s):
-                heard.insert(0, entries.pop())
-                seconds += heard[0][1].size / 16000 + CONTEXT_GAP_S
+        ``context_audio_s`` as audio + transcript (finals only), older ones as the prompt;
+        and the 8 kHz source of the turn's and the context's audio."""
+        heard: list[_Context] = []
         fields: dict[str, object] = {}
-        older = [text for text, _ in entries[-CONTEXT_TURNS:]]
-        if older:
-            fields["prompt"] = " ".join(older)
+        if self._use_context and self._context:
+            entries = list(self._context)
+            seconds = 0.0
+            if kind == "final":
+                while (entries and entries[-1].audio.size
+                       and seconds + entries[-1].audio.size / 16000 + CONTEXT_GAP_S <= self._context_audio_s):
+                    heard.insert(0, entries.pop())
+                    seconds += heard[0].audio.size / 16000 + CONTEXT_GAP_S
+            older = [entry.text for entry in entries[-CONTEXT_TURNS:]]
+            if older:
+                fields["prompt"] = " ".join(older)
+        gap = round(CONTEXT_GAP_S * 16000)
         if heard:
-            gap = np.zeros(round(CONTEXT_GAP_S * 16000), np.float32)
-            fields["context_audio"] = np.concatenate([part for _, audio in heard for part in (audio, gap)])
-            fields["context_text"] = " ".join(text for text, _ in heard)
+            silence = np.zeros(gap, np.float32)
+            fields["context_audio"] = np.concatenate([part for entry in heard for part in (entry.audio, silence)])
+            fields["context_text"] = " ".join(entry.text for entry in heard)
+        fields["source"] = SourceAudio(SAMPLE_RATE, self._resampler, pcm,
+                                       tuple(entry.pcm for entry in heard), gap if heard else 0)
         return fields
 
     def _remember(self, turn: int, result: TranscriptionResult | None) -> None:
@@ -384,15 +402,15 @@ class LegPipeline:
             return
         if result.avg_logprob < CONTEXT_MIN_LOGPROB or result.compression_ratio > CONTEXT_MAX_COMPRESSION:
             return
-        self._context.append((result.text.strip(), audio))
+        self._context.append(_Context(result.text.strip(), audio.audio, audio.pcm))
         # Audio that can no longer be context is dropped (the text stays for the prompt):
         # at most context_audio_s of it is kept per leg.
         seconds = 0.0
         for i in range(len(self._context) - 1, -1, -1):
-            text, kept = self._context[i]
-            seconds += kept.size / 16000 + CONTEXT_GAP_S
-            if seconds > self._context_audio_s and kept.size:
-                self._context[i] = (text, _NO_AUDIO)
+            entry = self._context[i]
+            seconds += entry.audio.size / 16000 + CONTEXT_GAP_S
+            if seconds > self._context_audio_s and entry.audio.size:
+                self._context[i] = _Context(entry.text, _NO_AUDIO, _NO_PCM)
 
     def _upsampled(self, turn: int, start_sample: int, audio: np.ndarray) -> np.ndarray:
         """The turn's audio at 16 kHz. Partials and the final of a turn share its start and

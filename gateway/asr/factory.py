@@ -67,16 +67,4 @@ def build_transcriber(settings: Settings, *, instance: str = "") -> Transcriber:
         return MediaOnlyTranscriber()
     from .whisper.transcriber import WhisperTranscriber  # imports faster-whisper: only when needed
 
-    return WhisperTranscriber(
-        settings.asr_model,
-        device=settings.asr_device,
-        compute_type=settings.asr_compute_type,
-        cpu_threads=settings.asr_threads,
-        workers=settings.asr_workers,
-        beam_size=settings.asr_beam_size,
-        window=_window(settings),
-        local_files_only=settings.asr_local_files_only,
-        limits=scheduler_limits(settings),
-        context_tokens=settings.asr_context_tokens,
-        decoder_threads=settings.asr_decoder_threads,
-    )
+    return WhisperTranscriber(engine=build_engine(settings), limits=scheduler_limits(settings))

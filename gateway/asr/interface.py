@@ -26,6 +26,7 @@ import numpy as np
 
 __all__ = [
     "SAMPLE_RATE",
+    "SourceAudio",
     "AsrOverloaded",
     "AsrTimeout",
     "Superseded",
@@ -38,6 +39,35 @@ __all__ = [
 
 SAMPLE_RATE = 16_000
 """Audio handed to a transcriber is always 16 kHz mono float32 (Whisper's native rate)."""
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds arrays
+class SourceAudio:
+    """The telephone audio a request's 16 kHz samples were made from, and how.
+
+    ``audio`` is the turn as 16-bit PCM at ``rate`` (8 kHz G.711, decoded);
+    ``context`` the context turns, in order, each followed by ``context_gap``
+    zero samples at 16 kHz. ``upsample_8k_to_16k(audio, resampler)`` is the
+    request's ``audio`` exactly, and the context turns upsampled one by one
+    with their gaps its ``context_audio``: a remote recognizer that gets this
+    rebuilds the very samples the embedded one decodes, from a quarter of the
+    bytes of the float32 audio.
+    """
+
+    rate: int
+    resampler: str
+    audio: np.ndarray
+    context: tuple[np.ndarray, ...] = ()
+    context_gap: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rate != 8000:
+            raise ValueError(f"SourceAudio.rate must be 8000, got {self.rate!r}")
+        for pcm in (self.audio, *self.context):
+            if not isinstance(pcm, np.ndarray) or pcm.dtype != np.int16 or pcm.ndim != 1:
+                raise ValueError("SourceAudio audio and context must be 1-D int16 arrays")
+        if isinstance(self.context_gap, bool) or not isinstance(self.context_gap, int) or self.context_gap < 0:
+            raise ValueError(f"SourceAudio.context_gap must be a non-negative integer, got {self.context_gap!r}")
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: it holds arrays
@@ -63,6 +93,8 @@ class TranscriptionRequest:
     turns must not starve the others); empty means ``key``. ``request_id``
     names the request on the wire (results of a job done twice are told
     apart by it); ``turn`` is the leg's turn number, for logs and metrics.
+    ``source``, when the audio came from a telephone leg, is that audio at its
+    native rate (:class:`SourceAudio`): what the pool sends on the wire.
     """
 
     audio: np.ndarray
@@ -76,6 +108,7 @@ class TranscriptionRequest:
     session: str = ""
     turn: int = 0
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    source: SourceAudio | None = None  # what ``audio``/``context_audio`` were made from (telephone legs)
 
     def __post_init__(self) -> None:
         audio = self.audio

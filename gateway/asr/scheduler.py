@@ -18,9 +18,10 @@ live call needs from a shared recognizer:
 - Bounds. Each lane and each group holds a bounded number of requests; past
   that a request is refused with :class:`AsrOverloaded` (a partial would be
   refused too, which costs nothing but a preview).
-- Overload. When more finals wait than ``overload_backlog``, the batch is
-  flagged: the engine then decodes finals the cheap way (short window), so
-  latency stays bounded while the backlog lasts.
+- Overload. When more finals wait than ``overload_backlog`` (here, plus
+  ``backlog_elsewhere``: a pool worker's share of the finals waiting in
+  Redis), the batch is flagged: the engine then decodes finals the cheap way
+  (short window), so latency stays bounded while the backlog lasts.
 
 The embedded transcriber (threads in the gateway) and the pool worker (jobs
 from Redis) both put requests in an :class:`AsrScheduler` and run what
@@ -118,14 +119,15 @@ class AsrScheduler:
         batch_key: BatchKey,
         limits: SchedulerLimits | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         name: str = "asr",
     ) -> None:
+        """``wall_clock`` judges deadlines (injectable for tests); waiting is always in real
+        time (``time.monotonic``), since threads really block."""
         self.batch_key = batch_key
         self.limits = limits or SchedulerLimits()
         self.name = name
-        self._clock = clock
+        self._clock = time.monotonic
         self._wall = wall_clock
         self._cond = threading.Condition(threading.RLock())
         # lane -> fairness group -> that group's jobs, oldest first; groups in round-robin order
@@ -137,6 +139,9 @@ class AsrScheduler:
         self._closed = False
         self._paused = False
         self.running = 0  # batches handed out and not yet finished
+        # Finals waiting outside this scheduler that count towards overload: a pool worker
+        # holds only a few jobs and the backlog waits in Redis (it sets this from the lag).
+        self.backlog_elsewhere = 0
         # counters (read without the lock: ints written under it)
         self.submitted = {lane: 0 for lane in LANES}
         self.dropped: dict[str, int] = collections.Counter()  # reason -> requests
@@ -221,7 +226,7 @@ class AsrScheduler:
         with self._cond:
             while True:
                 if not self._paused:
-                    backlog = self._counts["final"]
+                    backlog = self._counts["final"] + self.backlog_elsewhere
                     first = self._take_first()
                     if first is not None:
                         break

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,22 +86,28 @@ def start_gateway(extra_env: dict[str, str] | None = None, ready_timeout: float 
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "run"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     gw = GatewayProcess(proc, sip_port, http_port, prefix)
+    _wait_until_ready(proc, gw.output, "earshot: ready", ready_timeout, gw.stop, "gateway")
+    return gw
+
+
+def _wait_until_ready(proc: subprocess.Popen[str], output: list[str], ready_line: str, timeout: float,
+                      stop: Callable[[float], int], what: str) -> None:
+    """Collect the process's output in a thread; return once it prints ``ready_line``."""
     ready = threading.Event()
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            gw.output.append(line)
-            if "earshot: ready" in line:
+            output.append(line)
+            if ready_line in line:
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + ready_timeout
+    deadline = time.monotonic() + timeout
     while not ready.wait(0.2):
         if proc.poll() is not None or time.monotonic() > deadline:
-            gw.stop(5)
-            raise RuntimeError(f"gateway did not start:\n{gw.log()}")
-    return gw
+            stop(5)
+            raise RuntimeError(f"{what} did not start:\n{''.join(output[-200:])}")
 
 
 def pcm_wav(name: str, directory: Path) -> Path:
@@ -235,19 +242,5 @@ def start_worker(prefix: str, extra_env: dict[str, str] | None = None, ready_tim
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "worker"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     worker = WorkerProcess(proc, worker_id, http_port)
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            worker.output.append(line)
-            if "earshot worker: ready" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + ready_timeout
-    while not ready.wait(0.2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            worker.stop(5)
-            raise RuntimeError(f"worker did not start:\n{worker.log()}")
+    _wait_until_ready(proc, worker.output, "earshot worker: ready", ready_timeout, worker.stop, "worker")
     return worker

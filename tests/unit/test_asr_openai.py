@@ -26,7 +26,6 @@ import asyncio
 import os
 import time
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,16 +42,9 @@ from gateway.asr.remote.openai import OpenAITranscriber
 from gateway.asr.wer import word_error_rate
 from gateway.media.resample import upsample_8k_to_16k
 from tests import peers
+from tests.unit.test_asr_whisper import PROMPTS, SOUNDS
 
-SOUNDS = Path("/usr/share/asterisk/sounds/en")
 pytestmark = pytest.mark.skipif(not SOUNDS.is_dir(), reason="asterisk-core-sounds-en not installed")
-
-# Reference texts from /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz
-PROMPTS = {
-    "agent-pass": "Please enter your password followed by the pound key.",
-    "pbx-invalid": "I am sorry, that's not a valid extension. Please try again.",
-    "privacy-unident": "The party you are trying to reach does not accept unidentified calls.",
-}
 LOWER_CASE_PROMPT = "welcome to the main menu. for sales press one"  # no capitals, no commas
 
 

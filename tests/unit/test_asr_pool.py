@@ -10,7 +10,6 @@ import time
 import uuid
 import wave
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,10 @@ import redis
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from gateway.asr.interface import AsrTimeout, Superseded, TranscriptionError, TranscriptionRequest
+from gateway.asr.interface import AsrTimeout, SourceAudio, Superseded, TranscriptionError, TranscriptionRequest
 from gateway.asr.remote.pool import PoolTranscriber
 from gateway.asr.remote.wire import PoolNames, Reply, decode_job, encode_job, encode_reply
+from gateway.asr.remote import worker as worker_module
 from gateway.asr.remote.worker import AsrWorker, WorkerConfig
 from gateway.asr.scheduler import SchedulerLimits
 from gateway.asr.wer import word_error_rate
@@ -28,17 +28,9 @@ from gateway.asr.whisper.engine import WhisperEngine
 from gateway.media.resample import upsample_8k_to_16k
 from tests.conftest import REDIS_URL
 from tests.redis_server import RedisServer
+from tests.unit.test_asr_whisper import PROMPTS, SOUNDS
 
-SOUNDS = Path("/usr/share/asterisk/sounds/en")
 pytestmark = pytest.mark.skipif(not SOUNDS.is_dir(), reason="asterisk-core-sounds-en not installed")
-
-PROMPTS = {
-    "agent-pass": "Please enter your password followed by the pound key.",
-    "pbx-invalid": "I am sorry, that's not a valid extension. Please try again.",
-    "privacy-unident": "The party you are trying to reach does not accept unidentified calls.",
-    "conf-muted": "You are now muted",
-    "vm-goodbye": "Goodbye",
-}
 
 
 def prompt(name: str) -> np.ndarray:
@@ -328,3 +320,83 @@ async def test_unreadable_and_undeliverable_jobs_are_answered_with_errors(engine
     finally:
         await worker.close()
         await client.aclose()
+
+
+async def test_a_backlog_waiting_in_redis_switches_finals_to_the_short_window(engine: WhisperEngine,
+                                                                             names: PoolNames,
+                                                                             pool: PoolTranscriber) -> None:
+    """A worker holds one job at a time here, so its own queue never shows the backlog; the
+    finals waiting in Redis (the group's lag) make it decode the cheap way, as the embedded
+    backend does with its own queue."""
+    worker = await started_worker(engine, names, limits=SchedulerLimits(max_batch=1, overload_backlog=2), prefetch=1)
+    try:
+        chosen = ["agent-pass", "pbx-invalid", "privacy-unident", "conf-muted"] * 2
+        results = await asyncio.gather(*(pool.transcribe(final(n, f"call-{i}")) for i, n in enumerate(chosen)))
+        assert worker.scheduler.overloaded >= 1, "the Redis backlog never counted"
+        assert worker.scheduler.overloaded < len(chosen)  # the last ones found no backlog
+        for name, result in zip(chosen, results):
+            assert word_error_rate(PROMPTS[name], result.text) <= 0.3, (name, result.text)
+    finally:
+        await worker.close()
+
+
+async def test_gone_workers_consumers_are_removed_and_a_drained_worker_leaves(
+        engine: WhisperEngine, names: PoolNames, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        for stream in names.job_streams:  # a "ghost" consumer: it read one entry and answered it
+            await client.xgroup_create(stream, names.group, id="0", mkstream=True)
+            await client.xadd(stream, {"meta": b"{}"})
+            ((_, [(entry_id, _)]),) = await client.xreadgroup(names.group, "ghost", {stream: ">"}, count=1)
+            await client.xack(stream, names.group, entry_id)
+            await client.xdel(stream, entry_id)
+        assert {c["name"] for c in await client.xinfo_consumers(names.jobs("final"), names.group)} == {b"ghost"}
+        monkeypatch.setattr(worker_module, "GONE_CONSUMER_IDLE_S", 0.2)  # the ghost has been silent long enough
+        worker = await started_worker(engine, names, claim_idle_s=0.5)
+        try:
+            reply = f"{names.prefix}:test-replies"
+            await client.xadd(names.jobs("final"), encode_job(final("vm-goodbye", "c1"), reply, time.time()))
+            for _ in range(200):
+                if await client.xlen(reply):
+                    break
+                await asyncio.sleep(0.05)
+            consumers = set()
+            for _ in range(100):
+                consumers = {c["name"].decode() for c in await client.xinfo_consumers(names.jobs("final"), names.group)}
+                if "ghost" not in consumers:
+                    break
+                await asyncio.sleep(0.05)
+            assert consumers == {worker.id}
+            assert await worker.drain(10)
+            for stream in names.job_streams:
+                assert await client.xinfo_consumers(stream, names.group) == []
+        finally:
+            await worker.close()
+    finally:
+        await client.aclose()
+
+
+def pcm8k(name: str) -> np.ndarray:
+    with wave.open(str(SOUNDS / f"{name}.wav")) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), np.int16).copy()
+
+
+async def test_a_telephone_final_decodes_on_a_worker_exactly_as_in_process(engine: WhisperEngine, names: PoolNames,
+                                                                         pool: PoolTranscriber) -> None:
+    """A final as the leg pipeline builds it (8 kHz source, previous turn as context) gives on
+    a worker the very result the embedded engine gives: same text, same scores."""
+    turn, before = pcm8k("privacy-unident"), pcm8k("conf-muted")
+    gap = np.zeros(4800, np.float32)
+    request = TranscriptionRequest(
+        upsample_8k_to_16k(turn), "final", key="call-1/caller", session="call-1", deadline=time.time() + 30,
+        prompt="Please enter your password.", context_audio=np.concatenate((upsample_8k_to_16k(before), gap)),
+        context_text=PROMPTS["conf-muted"], source=SourceAudio(8000, "polyphase", turn, (before,), 4800))
+    worker = await started_worker(engine, names)
+    try:
+        remote = await pool.transcribe(request)
+    finally:
+        await worker.close()
+    local = engine.transcribe(request)
+    assert word_error_rate(PROMPTS["privacy-unident"], remote.text) <= 0.25
+    assert (remote.text, remote.avg_logprob, remote.no_speech_prob) == \
+        (local.text, local.avg_logprob, local.no_speech_prob)

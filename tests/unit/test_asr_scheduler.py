@@ -37,7 +37,7 @@ def key_of(r: TranscriptionRequest, overloaded: bool) -> tuple[object, ...]:
 
 def make(clock: Clock | None = None, **limits: object) -> AsrScheduler:
     clock = clock or Clock()
-    return AsrScheduler(key_of, SchedulerLimits(**limits), clock=clock, wall_clock=clock)  # type: ignore[arg-type]
+    return AsrScheduler(key_of, SchedulerLimits(**limits), wall_clock=clock)  # type: ignore[arg-type]
 
 
 def take(s: AsrScheduler) -> list[TranscriptionRequest]:

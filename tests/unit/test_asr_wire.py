@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.asr.interface import TranscriptionRequest, TranscriptionResult
+from gateway.asr.interface import SourceAudio, TranscriptionRequest, TranscriptionResult
 from gateway.asr.remote.wire import (
     PoolNames,
     Reply,
@@ -56,6 +56,54 @@ def test_a_final_with_ten_seconds_of_context_is_compact() -> None:
     size = sum(len(v) for v in fields.values())
     assert size == pytest.approx(15 * 16000 * 2, rel=0.01)  # int16: half the engine's float32
     assert size < 500_000
+
+
+def telephone_request(resampler: str = "polyphase") -> TranscriptionRequest:
+    """A final as the leg pipeline builds it: 16 kHz samples and their 8 kHz source."""
+    turn = (RNG.standard_normal(8000 * 3) * 3000).astype(np.int16)
+    heard = [(RNG.standard_normal(n) * 2000).astype(np.int16) for n in (8000 * 2, 12345)]
+    gap = np.zeros(4800, np.float32)
+    context = np.concatenate([x for pcm in heard for x in (upsample_8k_to_16k(pcm, resampler), gap)])
+    return TranscriptionRequest(upsample_8k_to_16k(turn, resampler), "final", context_audio=context,
+                                context_text="two turns before", prompt="older text", session="c", key="c/caller",
+                                source=SourceAudio(8000, resampler, turn, tuple(heard), 4800))
+
+
+@pytest.mark.parametrize("resampler", ["polyphase", "ratecv"])
+def test_a_telephone_request_goes_at_8khz_and_comes_back_exactly(resampler: str) -> None:
+    request = telephone_request(resampler)
+    fields = encode_job(request, "r", 0.0)
+    assert len(fields["audio"]) == request.source.audio.size * 2  # type: ignore[union-attr]  # 8 kHz int16
+    assert len(fields["context"]) == sum(part.size * 2 for part in request.source.context)  # type: ignore[union-attr]
+    got = decode_job(fields).request
+    np.testing.assert_array_equal(got.audio, request.audio)  # bit for bit: the engine decodes the same samples
+    assert got.context_audio is not None
+    np.testing.assert_array_equal(got.context_audio, request.context_audio)
+    assert got.source is not None and got.source.resampler == resampler
+
+
+def test_a_final_with_ten_seconds_of_context_at_8khz_is_a_quarter_of_float32() -> None:
+    turn = np.zeros(8000 * 5, np.int16)
+    context = (np.zeros(8000 * 10, np.int16),)
+    request = TranscriptionRequest(upsample_8k_to_16k(turn), "final", context_audio=np.zeros(16000 * 10 + 4800, np.float32),
+                                   context_text="x", source=SourceAudio(8000, "polyphase", turn, context, 4800))
+    size = sum(len(v) for v in encode_job(request, "r", 0.0).values())
+    assert size < 15 * 8000 * 2 + 1000  # 240 KB of PCM and a little JSON
+
+
+@pytest.mark.parametrize(("change", "names"), [
+    ({"resampler": "sinc-best"}, "meta.resampler"),
+    ({"context_parts": [1, 2]}, "add up to"),
+    ({"context_parts": "all"}, "meta.context_parts"),
+    ({"context_parts": [0, 16000 * 3]}, "meta.context_parts"),
+    ({"context_gap": -1}, "meta.context_gap"),
+])
+def test_a_bad_source_description_names_its_field(change: dict[str, object], names: str) -> None:
+    fields = encode_job(telephone_request(), "r", 0.0)
+    meta = json.loads(fields["meta"])
+    meta.update(change)
+    with pytest.raises(WireError, match=names):
+        decode_job({**fields, "meta": json.dumps(meta).encode()})
 
 
 def test_8khz_audio_is_resampled_as_the_gateway_does() -> None:

@@ -147,10 +147,7 @@ class PoolTranscriber:
             await asyncio.wait([w.future for w in finals], timeout=max(0.0, last - self._wall()) + 0.1)
         if self._reader is not None:
             self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait((self._reader,), timeout=5.0)  # bounded: see AsrWorker.close
         if self._client is not None:
             try:
                 await self._client.delete(self.reply_stream)

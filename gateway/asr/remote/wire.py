@@ -8,16 +8,22 @@ becomes a :class:`WireError` naming the field, never a crash).
 A job entry has three fields:
 
 - ``meta``: JSON with the request's scalar fields (id, kind, key, session,
-  turn, language, prompt, context text, deadline), the audio's sample rate,
-  the reply stream and the time it was sent;
+  turn, language, prompt, context text, deadline), the audio's sample rate
+  and resampler, the lengths of the context's parts, the reply stream and
+  the time it was sent;
 - ``audio``: the turn as 16-bit little-endian PCM at ``meta.rate``;
 - ``context``: the context audio the same way (optional).
 
-16-bit PCM at its native rate is half the size of the float32 the engine
-uses (a final with 10 s of context and a 5 s turn is 480 KB of int16 at
-16 kHz, not 960 KB), and the turn came from 16-bit G.711 audio in the first
-place. A reply entry carries one ``reply`` field, JSON: the result, or an
-error code with a message.
+Audio travels at its native rate: a telephone leg's request carries its
+:class:`~gateway.asr.interface.SourceAudio`, 8 kHz 16-bit PCM, and the
+worker upsamples it with the gateway's own resampler, turn by turn for the
+context (``meta.context_parts``, each followed by ``meta.context_gap`` zero
+samples), which rebuilds the engine's 16 kHz float32 samples exactly: the
+pool decodes what the embedded transcriber would, from a quarter of the
+bytes (a final with 10 s of context and a 5 s turn: 240 KB). A request
+without a source goes as 16-bit PCM at 16 kHz (quantized: within half a
+step of the float samples). A reply entry carries one ``reply`` field,
+JSON: the result, or an error code with a message.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..interface import SAMPLE_RATE, TranscriptionRequest, TranscriptionResult
+from ..interface import SAMPLE_RATE, SourceAudio, TranscriptionRequest, TranscriptionResult
 
 __all__ = [
     "MAX_AUDIO_S",
@@ -125,7 +131,8 @@ class Job:
 
 
 def encode_job(request: TranscriptionRequest, reply_to: str, sent_at: float) -> dict[str, bytes]:
-    meta = {
+    source = request.source
+    meta: dict[str, Any] = {
         "v": WIRE_VERSION,
         "id": request.request_id,
         "kind": request.kind,
@@ -136,13 +143,23 @@ def encode_job(request: TranscriptionRequest, reply_to: str, sent_at: float) -> 
         "prompt": request.prompt,
         "context_text": request.context_text,
         "deadline": request.deadline,
-        "rate": SAMPLE_RATE,
+        "rate": SAMPLE_RATE if source is None else source.rate,
         "reply": reply_to,
         "sent": sent_at,
     }
-    fields = {"meta": json.dumps(meta, separators=(",", ":")).encode(), "audio": pcm16_from_float(request.audio)}
-    if request.context_audio is not None and request.context_audio.size:
-        fields["context"] = pcm16_from_float(request.context_audio)
+    has_context = request.context_audio is not None and request.context_audio.size > 0
+    if source is None:
+        fields = {"audio": pcm16_from_float(request.audio)}
+        if has_context:
+            fields["context"] = pcm16_from_float(request.context_audio)  # type: ignore[arg-type]
+    else:
+        meta["resampler"] = source.resampler
+        fields = {"audio": source.audio.astype("<i2").tobytes()}
+        if has_context:
+            meta["context_parts"] = [int(part.size) for part in source.context]
+            meta["context_gap"] = source.context_gap
+            fields["context"] = b"".join(part.astype("<i2").tobytes() for part in source.context)
+    fields["meta"] = json.dumps(meta, separators=(",", ":")).encode()
     return fields
 
 
@@ -164,18 +181,51 @@ def _text(meta: dict[str, Any], name: str, *, optional: bool = True, limit: int 
     return value
 
 
-def _audio(data: bytes | None, name: str, rate: int) -> np.ndarray:
+def _pcm(data: bytes | None, name: str, rate: int) -> np.ndarray:
+    """A field of 16-bit PCM as int16 samples, checked."""
     if data is None:
         raise WireError(f"field {name!r} is missing")
     if len(data) % 2:
         raise WireError(f"field {name!r} has an odd number of bytes (not 16-bit PCM)")
     if len(data) // 2 > MAX_AUDIO_S * rate:
         raise WireError(f"field {name!r} holds more than {MAX_AUDIO_S:.0f} s of audio")
-    if rate == SAMPLE_RATE:
-        return float_from_pcm16(data)
-    from ...media.resample import upsample_8k_to_16k  # 8 kHz: the gateway's own resampler
+    return np.frombuffer(data, dtype="<i2").astype(np.int16)
 
-    return np.ascontiguousarray(upsample_8k_to_16k(data, method="polyphase"), dtype=np.float32)
+
+def _upsample(pcm: np.ndarray, resampler: str) -> np.ndarray:
+    from ...media.resample import upsample_8k_to_16k  # the gateway's own resampler: the same samples
+
+    return np.ascontiguousarray(upsample_8k_to_16k(pcm, method=resampler), dtype=np.float32)
+
+
+def _source_audio(meta: dict[str, Any], audio_raw: bytes | None, context_raw: bytes | None, rate: int
+                  ) -> tuple[np.ndarray, np.ndarray | None, SourceAudio]:
+    """8 kHz audio and context parts -> the 16 kHz samples the gateway's engine would decode."""
+    from ...media.resample import RESAMPLERS
+
+    resampler = meta.get("resampler", "polyphase")
+    if resampler not in RESAMPLERS:
+        raise WireError(f"meta.resampler must be one of {sorted(RESAMPLERS)}, got {resampler!r}")
+    pcm = _pcm(audio_raw, "audio", rate)
+    parts: tuple[np.ndarray, ...] = ()
+    gap = 0
+    context = None
+    if context_raw:
+        sizes = meta.get("context_parts")
+        gap = meta.get("context_gap", 0)
+        if not isinstance(sizes, list) or not sizes or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            raise WireError("meta.context_parts must list the context turns' lengths (positive integers)")
+        if isinstance(gap, bool) or not isinstance(gap, int) or not 0 <= gap <= 5 * SAMPLE_RATE:
+            raise WireError("meta.context_gap must be an integer from 0 to 80000 (16 kHz samples)")
+        whole = _pcm(context_raw, "context", rate)
+        if sum(sizes) != whole.size:
+            raise WireError(f"meta.context_parts add up to {sum(sizes)} samples, field 'context' holds {whole.size}")
+        bounds = np.cumsum([0, *sizes])
+        parts = tuple(whole[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+        silence = np.zeros(gap, np.float32)
+        context = np.concatenate([piece for part in parts for piece in (_upsample(part, resampler), silence)])
+    return _upsample(pcm, resampler), context, SourceAudio(rate, resampler, pcm, parts, gap)
 
 
 def decode_job(fields: Mapping[Any, Any]) -> Job:
@@ -219,16 +269,25 @@ def decode_job(fields: Mapping[Any, Any]) -> Job:
         context_text = _text(meta, "context_text") or ""
         key = _text(meta, "key", limit=512) or ""
         session = _text(meta, "session", limit=512) or ""
-        audio = _audio(_field(fields, "audio"), "audio", rate)
         context_raw = _field(fields, "context")
-        context = _audio(context_raw, "context", rate) if context_raw else None
+        source = None
+        if rate == SAMPLE_RATE:
+            audio_raw = _field(fields, "audio")
+            _pcm(audio_raw, "audio", rate)  # checked
+            audio = float_from_pcm16(audio_raw)  # type: ignore[arg-type]
+            context = None
+            if context_raw:
+                _pcm(context_raw, "context", rate)
+                context = float_from_pcm16(context_raw)
+        else:
+            audio, context, source = _source_audio(meta, _field(fields, "audio"), context_raw, rate)
         if context is not None and not context_text.strip():
             raise WireError("field 'context' needs its transcript in meta.context_text")
         try:
             request = TranscriptionRequest(
                 audio=audio, kind=kind, language=language, prompt=prompt, key=key, context_audio=context,
                 context_text=context_text if context is not None else "", deadline=deadline, session=session,
-                turn=turn, request_id=request_id)
+                turn=turn, request_id=request_id, source=source)
         except (TypeError, ValueError) as exc:
             raise WireError(str(exc)) from None
     except WireError as exc:

@@ -13,6 +13,9 @@ sides instead of a call:
   (the group's lag).
 - Batching. The runner takes up to ``max_batch`` jobs that share a batch
   key, waiting at most ``batch_wait_s`` for company.
+- Overload. The finals waiting in Redis (the group's lag, this worker's
+  share of it) count towards the scheduler's ``overload_backlog``: past it,
+  finals are decoded with the short window, as in the embedded backend.
 - Dropping. A job whose cancel key is set (superseded, withdrawn or timed
   out at the gateway), or whose deadline has passed, is acknowledged and
   not decoded; so is a partial superseded by a newer one for its key.
@@ -56,6 +59,10 @@ __all__ = ["AsrWorker", "WorkerConfig"]
 
 REPLY_MAXLEN = 10_000
 REPLY_TTL_S = 600
+BACKLOG_POLL_S = 0.5
+CLOSE_TIMEOUT_S = 5.0
+HOUSEKEEPING_ROUNDS = 20  # consumers of gone workers are removed every 20 backlog polls
+GONE_CONSUMER_IDLE_S = 60.0  # ... when they hold nothing, have no heartbeat and were this long silent
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class AsrWorker:
         # counters (metrics and heartbeat)
         self.jobs: Counter[tuple[str, str]] = Counter()  # (kind, outcome) -> jobs
         self.reclaimed = 0
+        self.backlog = 0  # finals waiting in Redis for any worker (the group's lag), last seen
         self.poison = 0
         self.replies_written = 0
         self.batch_sizes: Counter[int] = Counter()
@@ -125,7 +133,8 @@ class AsrWorker:
             log.warning("Redis unreachable at start (%s); retrying", exc)
         self.runner.start()
         for coro, name in ((self._read_loop(), "read"), (self._write_loop(), "write"),
-                           (self._claim_loop(), "claim"), (self._touch_loop(), "touch")):
+                           (self._claim_loop(), "claim"), (self._touch_loop(), "touch"),
+                           (self._backlog_loop(), "backlog")):
             self._tasks.append(asyncio.create_task(coro, name=f"asr-worker-{name}"))
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -133,10 +142,16 @@ class AsrWorker:
         self.draining = True
         self._room.set()
         deadline = None if timeout is None else time.monotonic() + timeout
+        # A read or claim already sent may still hand this worker jobs: let them return
+        # first, so that every job delivered here is answered before the consumer goes.
+        takers = [t for t in self._tasks if t.get_name() in ("asr-worker-read", "asr-worker-claim")]
+        if takers:
+            await asyncio.wait(takers, timeout=None if timeout is None else timeout)
         while self._held:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.05)
+        await self._leave_group()
         return True
 
     async def close(self) -> None:
@@ -144,7 +159,10 @@ class AsrWorker:
         self.scheduler.close()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a Redis call stuck in a cancelled task must not hang the exit
+            _done, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_S)
+            for task in stuck:
+                log.warning("task %s did not stop within %.0f s of its cancellation", task.get_name(), CLOSE_TIMEOUT_S)
         self._tasks.clear()
         await asyncio.to_thread(self.runner.join, 30)
         if self._client is not None:
@@ -422,6 +440,61 @@ class AsrWorker:
                 by_stream.setdefault(held.stream, []).append(held.entry_id)
             for stream, ids in by_stream.items():
                 await self._safe(self.client.xclaim(stream, self.names.group, self.id, 0, ids, justid=True))
+
+    async def _backlog_loop(self) -> None:
+        """Follow the finals waiting in Redis (the group's lag) for the overload switch: a
+        worker holds only ``prefetch`` jobs, so its own queue never shows a backlog. Each
+        worker counts its share: the lag over the live workers (by their heartbeats).
+        Every few seconds it also removes the group's consumers of workers that are gone
+        (no heartbeat) and hold nothing, so the group does not collect one per restart."""
+        stream = self.names.jobs("final")
+        live = 1
+        rounds = 0
+        while True:
+            await asyncio.sleep(BACKLOG_POLL_S)
+            try:
+                if rounds % HOUSEKEEPING_ROUNDS == 0:
+                    live = await self._forget_gone_consumers()
+                rounds += 1
+                groups = await self.client.xinfo_groups(stream)
+            except (RedisError, OSError):
+                continue
+            for group in groups:
+                if self._name(group.get("name")) != self.names.group:
+                    continue
+                lag = group.get("lag")
+                self.backlog = int(lag) if isinstance(lag, int) else 0
+                self.scheduler.backlog_elsewhere = -(-self.backlog // max(1, live))
+
+    async def _forget_gone_consumers(self) -> int:
+        """Delete consumers with no pending jobs, no heartbeat and no read for a minute (so not
+        a live worker whose heartbeat lapsed); returns the number of live workers. A gone
+        worker's pending jobs are reclaimed first, which empties its list."""
+        from ...presence import read_presence
+
+        alive = {str(w.get("id")) for w in await read_presence(self.client, self.names.workers_pattern)}
+        alive.add(self.id)
+        for stream in self.names.job_streams:
+            try:
+                consumers = await self.client.xinfo_consumers(stream, self.names.group)
+            except ResponseError:
+                continue
+            quiet_ms = GONE_CONSUMER_IDLE_S * 1000
+            for consumer in consumers:
+                name = self._name(consumer.get("name"))
+                # idle: since its last read attempt; a live worker reads every block_ms
+                if name not in alive and int(consumer.get("pending", 0)) == 0 \
+                        and int(consumer.get("idle", 0)) > quiet_ms:
+                    await self.client.xgroup_delconsumer(stream, self.names.group, name)
+        return len(alive)
+
+    async def _leave_group(self) -> None:
+        """After a drain: this worker's consumer holds nothing, so it can go."""
+        for stream in self.names.job_streams:
+            try:
+                await self.client.xgroup_delconsumer(stream, self.names.group, self.id)
+            except (RedisError, OSError):
+                pass
 
     # -- helpers
     async def _ack(self, stream: str, ids: list[bytes]) -> None:

@@ -146,6 +146,7 @@ class WhisperEngine:
         compute_type = resolve_compute_type(compute_type, device)
         self.name = f"whisper:{model}"
         self.model_name = model
+        self.threads = threads
         self.device = device
         self.compute_type = compute_type
         self.model = WhisperModel(
