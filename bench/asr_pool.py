@@ -7,7 +7,10 @@ Usage:
                                        [--capacity-s 60] [--wait-ms 20] [--limit N] [--no-write]
 
 Modes: ``embedded`` is the gateway's in-process transcriber (WhisperTranscriber, the
-defaults); ``pool-WxB`` is the real pool: W ``earshot worker`` processes (subprocesses
+defaults); ``embedded-text`` the same with text context only (``asr_context_audio_s`` 0:
+what the OpenAI-compatible API can carry); ``openai`` is ``asr_backend: openai`` against
+faster-whisper-server (tests/peers.py, a server nobody here wrote, serving the same
+tiny.en); ``pool-WxB`` is the real pool: W ``earshot worker`` processes (subprocesses
 here, on this machine) with ``asr_max_batch`` B (and ``asr_batch_wait_ms`` --wait-ms when
 B > 1), reached through a private redis-server by PoolTranscriber, exactly as
 ``earshot run --asr pool`` does. Every mode uses the packaged tiny.en, int8, and splits
@@ -47,7 +50,7 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +89,12 @@ CORES = os.cpu_count() or 2
 @dataclass(frozen=True)
 class Mode:
     name: str
-    workers: int  # 0: embedded
+    workers: int  # 0: not the pool
     batch: int
 
     @classmethod
     def parse(cls, text: str) -> "Mode":
-        if text == "embedded":
+        if text in ("embedded", "embedded-text", "openai"):
             return cls(text, 0, 2)
         workers, batch = text.removeprefix("pool-").split("x")
         return cls(text, int(workers), int(batch))
@@ -131,19 +134,40 @@ class Backend:
     mode: Mode
     transcriber: Transcriber
     workers: list[WorkerProcess] = field(default_factory=list)
+    peer: Any = None  # the OpenAI-compatible server of mode "openai"
 
     def worker_metrics(self) -> list[dict[str, float]]:
         return [w.metrics() for w in self.workers]
 
 
-def settings_for(mode: Mode, redis_url: str, prefix: str) -> Settings:
-    return load_settings(environ={
-        "EARSHOT_REDIS_URL": redis_url, "EARSHOT_STREAM_PREFIX": prefix, "EARSHOT_ASR_THREADS": str(mode.threads),
-        "EARSHOT_ASR_BACKEND": "embedded" if mode.workers == 0 else "pool", "EARSHOT_ASR_LOCAL_FILES_ONLY": "true"})
+def settings_for(mode: Mode, redis_url: str, prefix: str, openai_url: str = "") -> Settings:
+    environ = {"EARSHOT_REDIS_URL": redis_url, "EARSHOT_STREAM_PREFIX": prefix,
+               "EARSHOT_ASR_THREADS": str(mode.threads), "EARSHOT_ASR_LOCAL_FILES_ONLY": "true",
+               "EARSHOT_ASR_BACKEND": "pool" if mode.workers else ("openai" if mode.name == "openai" else "embedded")}
+    if mode.name == "embedded-text":  # text context only: what the OpenAI-compatible API can carry
+        environ["EARSHOT_ASR_CONTEXT_AUDIO_S"] = "0"
+    if mode.name == "openai":
+        environ.update({"EARSHOT_ASR_OPENAI_URL": openai_url or "http://127.0.0.1:9/v1", "EARSHOT_ASR_OPENAI_MODEL":
+                        "whisper-1", "EARSHOT_ASR_OPENAI_PARTIALS": "true"})
+    return load_settings(environ=environ)
 
 
 async def open_backend(mode: Mode, redis_url: str, wait_ms: float) -> Backend:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    if mode.name == "openai":  # faster-whisper-server (tests/peers.py): a server nobody here wrote
+        from tests import peers
+
+        ok, reason = peers.available()
+        if not ok:
+            raise SystemExit(f"mode openai: {reason}")
+        server = peers.OpenAIPeerServer()
+        server.__enter__()
+        settings = settings_for(mode, redis_url, prefix, server.base_url)
+        from gateway.asr.factory import build_transcriber
+
+        backend = Backend(mode, build_transcriber(settings))
+        backend.peer = server
+        return backend
     settings = settings_for(mode, redis_url, prefix)
     if mode.workers == 0:
         from gateway.asr.factory import build_transcriber
@@ -167,6 +191,8 @@ async def close_backend(backend: Backend) -> None:
     await backend.transcriber.close()
     for worker in backend.workers:
         await asyncio.to_thread(worker.stop)
+    if backend.peer is not None:
+        backend.peer.__exit__(None, None, None)
 
 
 def make_pipeline(transcriber: Transcriber, settings: Settings, key: str, publish: Any, partials: bool) -> LegPipeline:
@@ -184,6 +210,9 @@ def make_pipeline(transcriber: Transcriber, settings: Settings, key: str, publis
 
 async def accuracy_run(backend: Backend, entries: list[FixtureEntry], settings: Settings, vad: SileroVad,
                        concurrency: int = 8) -> dict[str, Any]:
+    """Every file's turns are found at once (no pacing), so a deadline counted from the
+    turn's end means nothing here: finals get 10 minutes."""
+    settings = replace(settings, asr_final_timeout_s=600.0)
     timed = Timed(backend.transcriber)
     texts: dict[str, str] = {}
     errors = 0
@@ -308,6 +337,8 @@ def table_b(rows: list[dict[str, Any]]) -> str:
     lines = ["| mode | calls | finals | latency p50 | p95 | max | final errors | partials |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         b = r["latency"]
+        if not b:
+            continue
         lines.append(f"| {r['mode']} | {b['calls']} | {b['finals']} | {b['latency_p50_ms']} ms | {b['latency_p95_ms']} ms | "
                      f"{b['latency_max_ms']} ms | {b['final_errors'] or 'none'} | {b['partials']} |")
     return "\n".join(lines)
@@ -340,15 +371,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for mode in modes:
             backend = await open_backend(mode, server.url, args.wait_ms)
-            settings = settings_for(mode, server.url, "unused")
+            settings = settings_for(mode, server.url, "unused", getattr(backend.peer, "base_url", ""))
             try:
                 print(f"{mode.name}: accuracy and throughput over {len(entries)} files", flush=True)
                 accuracy = await accuracy_run(backend, entries, settings, vad)
                 sizes = batch_sizes(backend.worker_metrics()) if backend.workers else "-"
                 print(f"  WER {accuracy['wer']:.4f}, {accuracy['finals_per_s']} finals/s; "
                       f"latency with {args.latency_calls} calls for {args.latency_s:.0f} s", flush=True)
-                latency = await simulated_calls(backend, args.latency_calls, args.latency_s, callers, settings, seed=1)
-                print(f"  p50 {latency['latency_p50_ms']} ms, p95 {latency['latency_p95_ms']} ms", flush=True)
+                latency = await simulated_calls(backend, args.latency_calls, args.latency_s, callers, settings, seed=1) \
+                    if args.latency_calls else None
+                if latency:
+                    print(f"  p50 {latency['latency_p50_ms']} ms, p95 {latency['latency_p95_ms']} ms", flush=True)
                 curve = []
                 if mode.name == args.capacity_mode:
                     for k in args.capacity:
@@ -377,6 +410,7 @@ def main() -> int:
     parser.add_argument("--capacity", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16])
     parser.add_argument("--capacity-s", type=float, default=60.0)
     parser.add_argument("--limit", type=int, default=0, help="only the first N fixtures (smoke test)")
+    parser.add_argument("--section", default="asr_pool", help="RESULTS.md section and bench/results/<section>.json")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     command = "  ".join([".venv/bin/python bench/asr_pool.py", *sys.argv[1:]])
@@ -389,7 +423,8 @@ def main() -> int:
                    "talk_ratio": TALK_RATIO})
     rows = result["rows"]
     curve_row = next((r for r in rows if r["capacity"]), None)
-    body = f"""## ASR pool vs embedded (bench/asr_pool.py)
+    title = "ASR pool vs embedded" if args.section == "asr_pool" else f"ASR backends ({args.section})"
+    body = f"""## {title} (bench/asr_pool.py)
 
 Command: `{command}`; {when}; {machine}; code {code}; {result['wall_s']} s in all.
 Load before: {load_before}. After: {load_after}.
@@ -400,7 +435,8 @@ the cores are split between the decoding threads (1 worker: {Mode.parse('pool-1x
 {args.wait_ms:g} ms for it to fill (`asr_batch_wait_ms`); other settings are the defaults.
 
 **A. Accuracy and throughput**: every speech fixture ({len(next(iter(rows))['accuracy']['texts'])} files)
-through the leg pipeline without RTP, 8 files at a time, partials off; corpus WER of the finals
+through the leg pipeline without RTP, 8 files at a time, partials off, no deadline (the turns
+of a file are found at once, not in real time); corpus WER of the finals
 against the reference; finals per second of wall time; ASR turnaround = request submitted ->
 result back at the gateway side.
 
@@ -421,12 +457,12 @@ call, partials on; `latency_ms` as the gateway measures it, without the event's 
     body += """
 Not run here: a GPU. No device machine was lent to this task, so large-v3-turbo on a GPU
 (the production shape, where batching is the main lever) has no figures yet (docs/gpu.md).
-Raw output: bench/results/asr_pool.json.
-"""
-    out = BENCH / "results" / "asr_pool.json"
+Raw output: bench/results/{section}.json.
+""".replace("{section}", args.section)
+    out = BENCH / "results" / f"{args.section}.json"
     if not args.no_write:
         out.write_text(json.dumps(result, indent=1), encoding="utf-8")
-        write_section("asr_pool", body)
+        write_section(args.section, body)
     print(body)
     return 0
 
