@@ -43,7 +43,7 @@ from .sip.events import (
     ReInvite,
     ReInviteAck,
 )
-from .sip.message import NameAddress, SipRequest
+from .sip.message import NameAddress, SipRequest, SipUri
 from .sip.transport import SipEndpoint
 from .sip.useragent import UserAgent
 
@@ -675,4 +675,12 @@ def _party(request: SipRequest, header: str) -> tuple[str, str]:
     except ValueError:
         return value, ""
     uri = address.uri
-    return str(uri), getattr(uri, "user", "") or ""
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme == "tel":  # tel:+15551234;phone-context=...: the number is what rules match
+        return uri, uri[4:].split(";", 1)[0]
+    if scheme not in ("sip", "sips"):
+        return uri, ""
+    try:
+        return uri, SipUri.parse(uri).user or ""
+    except ValueError:
+        return uri, ""

@@ -145,10 +145,11 @@ class Settings:
             "need 1024 <= rtp_port_min < rtp_port_max <= 65535",
         )
         _check(self.max_calls >= 1, "max_calls", "must be at least 1")
+        first_even = self.rtp_port_min + (self.rtp_port_min & 1)  # as RtpPortAllocator counts pairs
         _check(
-            (self.rtp_port_max - self.rtp_port_min) // 2 >= 1,
+            first_even + 1 <= self.rtp_port_max,
             "rtp_port_min/rtp_port_max",
-            "the range holds no RTP/RTCP port pair",
+            "the range holds no RTP/RTCP port pair (an even port and the next)",
         )
         _check(0.0 < self.vad_threshold < 1.0, "vad_threshold", "must be between 0 and 1")
         _check(self.silence_ms >= 64, "silence_ms", "must be at least 64 (two VAD chunks)")

@@ -142,7 +142,7 @@ async def test_sipp_receives_our_bye(transport: str, tmp_path: Path) -> None:
 # -- PJSIP: hold and resume (re-INVITEs from a real stack) ---------------------
 
 PJSUA_HOLD_SCRIPT = r'''
-import json, sys, time
+import json, re, sys, time
 import pjsua2 as pj
 
 target, transport = sys.argv[1], sys.argv[2]
@@ -160,8 +160,19 @@ ep.transportCreate(pj.PJSIP_TRANSPORT_TCP if transport == "tcp" else pj.PJSIP_TR
 ep.libStart()
 ep.audDevManager().setNullDev()
 stages = []
+answers = []  # the a= direction of each 200 OK to an INVITE, as received (the gateway's answers)
+DIRECTION = re.compile(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", re.MULTILINE)
 
 class Call(pj.Call):
+    def onCallTsxState(self, prm):
+        if prm.e.type != pj.PJSIP_EVENT_TSX_STATE:
+            return
+        tsx_state = prm.e.body.tsxState
+        tsx = tsx_state.tsx
+        if tsx_state.type == pj.PJSIP_EVENT_RX_MSG and tsx.method == "INVITE" and tsx.statusCode == 200:
+            found = DIRECTION.findall(tsx_state.src.rdata.wholeMsg)
+            answers.append(found[-1] if found else "sendrecv")
+
     def onCallState(self, prm):
         info = self.getInfo()
         if info.state == pj.PJSIP_INV_STATE_CONFIRMED:
@@ -198,7 +209,7 @@ while time.monotonic() < deadline and "disconnected" not in stages:
         call.reinvite(prm); step = 2
     elif step == 2 and stages.count("active") >= 2:
         call.hangup(pj.CallOpParam(True)); step = 3
-print(json.dumps(stages), flush=True)
+print(json.dumps({"stages": stages, "answers": answers}), flush=True)
 del call
 ep.libDestroy()
 '''
@@ -214,52 +225,62 @@ def _has_pjsua2() -> bool:
 
 @pytest.mark.skipif(not _has_pjsua2(), reason="pjsua2 not installed")
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
-async def test_pjsua2_hold_and_resume(transport: str, tmp_path: Path) -> None:
+async def test_pjsua2_hold_and_resume(transport: str, tmp_path: Path, prefix: str) -> None:
+    """PJSIP holds (a=sendonly) and resumes (a=sendrecv) a call to a real Gateway: the
+    assertions are on what the gateway did, its answers' direction as PJSIP received
+    them and the call's on_hold state, not on what PJSIP itself sent."""
+    import dataclasses
     import json
     import sys
 
-    from gateway import sdp
+    from gateway.app import Gateway
+    from gateway.asr.media_only import MediaOnlyTranscriber
+    from gateway.config import load_settings
+    from gateway.dialplan import Dialplan
     from gateway.sip.events import ReInvite
+    from tests.conftest import REDIS_URL
+    from tests.unit.test_gateway_failures import free_rtp_range
 
-    ua = UserAgent(local_host="127.0.0.1", local_port=0)
+    rtp_min, rtp_max = free_rtp_range(2)
+    settings = load_settings(environ={
+        "EARSHOT_SIP_HOST": "127.0.0.1", "EARSHOT_HTTP_HOST": "127.0.0.1", "EARSHOT_HTTP_PORT": "0",
+        "EARSHOT_RTP_HOST": "127.0.0.1", "EARSHOT_RTP_PORT_MIN": str(rtp_min),
+        "EARSHOT_RTP_PORT_MAX": str(rtp_max), "EARSHOT_REDIS_URL": REDIS_URL, "EARSHOT_STREAM_PREFIX": prefix,
+        "EARSHOT_PERSIST": "false", "EARSHOT_WEB_ENABLED": "false",
+    })
+    gateway = Gateway(dataclasses.replace(settings, sip_port=0), transcriber=MediaOnlyTranscriber(),
+                      dialplan=Dialplan.accept_all())
     events: list[Event] = []
-    holds: list[bool] = []
+    holds: list[bool] = []  # the call's on_hold once the gateway handled the ACK, then each re-INVITE
+    handle = gateway.sip.on_event
 
-    def on_event(event: Event) -> None:
+    def observe(event: Event) -> None:
+        handle(event)  # the gateway's own handler; re-INVITEs are decided synchronously in it
         events.append(event)
-        now = asyncio.get_running_loop().time()
-        if isinstance(event, (IncomingCall, ReInvite)):
-            negotiated = sdp.negotiate(
-                sdp.SessionDescription.parse(event.offer), local_host="127.0.0.1", local_port=40000,
-                session_id=7, session_version=len(events),
-            )
-            holds.append(negotiated.on_hold)
-            if isinstance(event, IncomingCall):
-                ua.answer(event.dialog_id, negotiated.answer.to_bytes(), now)
-            else:
-                ua.accept_reinvite(event.dialog_id, negotiated.answer.to_bytes(), now)
-        endpoint.flush()
+        if isinstance(event, (CallConfirmed, ReInvite)):
+            holds.append(gateway.calls[event.dialog_id].on_hold)
 
-    endpoint = SipEndpoint(ua, on_event)
-    await endpoint.start("127.0.0.1", 0)
-    ua.local_port = endpoint.udp_port
+    gateway.sip.on_event = observe
     script = tmp_path / "pjsua_hold.py"
     script.write_text(PJSUA_HOLD_SCRIPT)
+    await gateway.start()
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(script), f"127.0.0.1:{endpoint.udp_port}", transport,
+            sys.executable, str(script), f"127.0.0.1:{gateway.sip_port}", transport,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 40)
-        for _ in range(100):
-            if any(isinstance(e, CallEnded) for e in events):
-                break
+        deadline = asyncio.get_running_loop().time() + 5
+        while gateway.calls and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        assert not gateway.calls, "the call did not end in the gateway"
     finally:
-        await endpoint.close()
+        await gateway.close()
     assert proc.returncode == 0, err.decode()[-2000:]
-    stages = json.loads(out.decode().strip().splitlines()[-1])
-    assert stages == ["active", "confirmed", "held", "active", "disconnected"], stages
+    seen = json.loads(out.decode().strip().splitlines()[-1])
+    assert seen["stages"] == ["active", "confirmed", "held", "active", "disconnected"], seen
+    # the gateway's 200s to the INVITE, the hold and the resume: it only listens, always recvonly
+    assert seen["answers"] == ["recvonly", "recvonly", "recvonly"], seen
     kinds = [type(e).__name__ for e in events]
     assert kinds == ["IncomingCall", "CallConfirmed", "ReInvite", "ReInvite", "CallEnded"], kinds
     assert holds == [False, True, False]
