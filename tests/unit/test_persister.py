@@ -23,6 +23,7 @@ from tests.pg_server import (  # noqa: F401
     store_url,
 )
 from tests.redis_server import RedisServer
+from tests.waiting import wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -45,15 +46,16 @@ async def publish(prefix, events) -> None:
 async def drained(stream: str, group: str = "earshot-persister", timeout: float = 20.0) -> None:
     """Wait until the group has been delivered every entry of the stream and acked them all."""
     client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    seen: dict = {}
+
+    async def done() -> bool:
+        seen["group"] = {g["name"]: g for g in await client.xinfo_groups(stream)}.get(group)
+        seen["last"] = (await client.xinfo_stream(stream))["last-generated-id"]
+        info = seen["group"]
+        return bool(info and info["pending"] == 0 and info["last-delivered-id"] == seen["last"])
+
     try:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            info = {g["name"]: g for g in await client.xinfo_groups(stream)}.get(group)
-            last = (await client.xinfo_stream(stream))["last-generated-id"]
-            if info and info["pending"] == 0 and info["last-delivered-id"] == last:
-                return
-            assert asyncio.get_running_loop().time() < deadline, f"not drained: {info}, last {last}"
-            await asyncio.sleep(0.05)
+        await wait_for(done, timeout, lambda: f"{stream} to drain: group {seen.get('group')}, last {seen.get('last')}")
     finally:
         await client.aclose()
 
@@ -119,6 +121,9 @@ async def test_a_recorded_stream_is_stored_exactly_once_despite_replays(store_ur
     assert len(raw.xreadgroup("earshot-persister", "p3", {stream: ">"}, count=10)[0][1]) == 10
     assert len(raw.xreadgroup("earshot-persister", "dead", {stream: ">"}, count=20)[0][1]) == 20
     assert raw.xpending(stream, "earshot-persister")["pending"] == 30
+    # part of the scenario, not a wait for something to happen: before the third persister
+    # starts, the 30 entries must have been pending for longer than its claim_min_idle_ms
+    # (0.1 s), and "dead" (like p1 and p2) silent for longer than forget_consumers_after_s (0.1 s)
     await asyncio.sleep(0.2)
     third = make_persister(store_url, stream, consumer="p3", claim_min_idle_ms=100, forget_consumers_after_s=0.1)
     await third.start()
@@ -249,22 +254,18 @@ async def test_survives_a_redis_restart_that_loses_the_stream(tmp_path):
         for e in first:
             publisher.publish(e)
         assert await publisher.flush(5)
-        for _ in range(100):
-            if persister.stored == len(first):
-                break
-            await asyncio.sleep(0.05)
-        assert persister.stored == len(first)
+        await wait_for(lambda: persister.stored == len(first), 10,
+                       lambda: f"the first call to be stored ({persister.stored} of {len(first)})")
+        failures = persister.redis_failures
         server.stop()
-        await asyncio.sleep(0.5)
-        assert persister.redis_failures > 0 and not persister.redis_ok
+        await wait_for(lambda: persister.redis_failures > failures and not persister.redis_ok, 10,
+                       "the persister to notice that Redis is gone")
         server.start()  # an empty Redis: the stream and the group are gone
         for e in second:
             publisher.publish(e)
         assert await publisher.flush(10)
-        for _ in range(200):
-            if persister.stored == len(first) + len(second):
-                break
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: persister.stored == len(first) + len(second), 20,
+                       lambda: f"the second call to be stored ({persister.stored} of {len(first) + len(second)})")
         assert persister.stored == len(first) + len(second) and persister.redis_ok
         await persister.close()
         await publisher.close()

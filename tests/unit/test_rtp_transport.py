@@ -14,7 +14,6 @@ from gateway.rtp.transport import (
     RtpPortAllocator,
     open_rtp_socket,
 )
-from tests.loops import both_loops
 
 HOST = "127.0.0.1"
 
@@ -191,5 +190,6 @@ async def test_socket_feeds_a_receiver_end_to_end():
     assert receiver.stats.packets == 20 and receiver.stats.lost_packets == 0
 
 
-# every test here runs on both loops: `earshot run` uses uvloop where installed
-event_loop_policy = both_loops()
+# every async test here runs on both loops: `earshot run` uses uvloop where installed
+pytest_plugins = ["tests.loops"]  # its pytest_asyncio_loop_factories hook gives both_loops users both
+pytestmark = pytest.mark.usefixtures("both_loops")

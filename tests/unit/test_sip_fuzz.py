@@ -4,12 +4,15 @@ internal-error safety net.
 ``receive()`` deliberately catches every exception (a bug must not take the
 listener down), so "no exception" alone would prove nothing.  These tests
 also fail on the safety net's traces: a ``MalformedMessage("Internal error")``
-event or an ERROR log record from the SIP core.
+event or an ERROR log record from the SIP core, caught only while the example runs
+(so what other tests log cannot fail these).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -56,16 +59,46 @@ class ErrorCatcher(logging.Handler):
         self.records.append(record)
 
 
-CATCHER = ErrorCatcher()
-logging.getLogger("gateway.sip").addHandler(CATCHER)
+#: the loggers under gateway.sip that the user agent and its transport log to
+SIP_LOGGERS = ("gateway.sip.useragent", "gateway.sip.transport")
 
 
-def assert_clean(ua: UserAgent) -> list:
+@contextlib.contextmanager
+def sip_errors() -> Iterator[list[logging.LogRecord]]:
+    """The ERROR records logged under ``gateway.sip`` while the block runs, and only those.
+
+    Used per Hypothesis example rather than as a fixture: a function-scoped fixture is
+    shared by all examples of a test, so records of one failing example would make
+    every later one fail too and shrinking would report a meaningless input.
+    """
+    logger = logging.getLogger("gateway.sip")
+    for name in SIP_LOGGERS:  # a raised level or logging.disable() would make this pass vacuously
+        assert logging.getLogger(name).isEnabledFor(logging.ERROR), f"{name} drops ERROR records"
+    catcher = ErrorCatcher()
+    logger.addHandler(catcher)
+    try:
+        yield catcher.records
+    finally:
+        logger.removeHandler(catcher)
+
+
+def assert_clean(ua: UserAgent, errors: list[logging.LogRecord]) -> list:
     events = ua.take_events()
     assert not [e for e in events if isinstance(e, MalformedMessage) and e.reason == "Internal error"]
-    assert not CATCHER.records, CATCHER.records[0].getMessage()
+    assert not errors, errors[0].getMessage()
     ua.take_transmits()
     return events
+
+
+def test_the_error_catcher_sees_only_its_own_block() -> None:
+    log = logging.getLogger("gateway.sip.useragent")
+    log.error("before the block: not ours")
+    with sip_errors() as errors:
+        log.warning("not an error")
+        log.error("inside the block")
+    log.error("after the block: not ours")
+    assert [r.getMessage() for r in errors] == ["inside the block"]
+    assert not [h for h in logging.getLogger("gateway.sip").handlers if isinstance(h, ErrorCatcher)]
 
 
 def established() -> tuple[UserAgent, str]:
@@ -118,46 +151,48 @@ FUZZ_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=
 @FUZZ_SETTINGS
 @given(st.binary(max_size=1500))
 def test_random_bytes_never_break_the_user_agent(data: bytes) -> None:
-    ua = UserAgent(local_host="198.51.100.7", local_port=5060)
-    ua.receive(data, PEER, 0.0)
-    ua.receive(b"INVITE sip:x@y SIP/2.0\r\n" + data, PEER, 0.1)
-    ua.receive(b"SIP/2.0 200 OK\r\n" + data, PEER, 0.2)
-    ua.handle_timers(100.0)
-    assert_clean(ua)
+    with sip_errors() as errors:
+        ua = UserAgent(local_host="198.51.100.7", local_port=5060)
+        ua.receive(data, PEER, 0.0)
+        ua.receive(b"INVITE sip:x@y SIP/2.0\r\n" + data, PEER, 0.1)
+        ua.receive(b"SIP/2.0 200 OK\r\n" + data, PEER, 0.2)
+        ua.handle_timers(100.0)
+        assert_clean(ua, errors)
 
 
 @FUZZ_SETTINGS
 @given(st.data())
 def test_mutated_messages_inside_a_live_call(data: st.DataObject) -> None:
-    ua, tag = established()
-    seeds = [
-        message("INVITE", "z9hG4bKn1", 1, body=OFFER, call_id="fz-2"),
-        message("INVITE", "z9hG4bKr2", 2, to_tag=tag, body=OFFER),
-        message("INVITE", "z9hG4bKr3", 3, to_tag=tag),
-        message("ACK", "z9hG4bKa2", 2, to_tag=tag, body=OFFER),
-        message("BYE", "z9hG4bKb1", 4, to_tag=tag),
-        message("CANCEL", "z9hG4bKi1", 1),
-        message("OPTIONS", "z9hG4bKo1", 5, to_tag=tag),
-        message("UPDATE", "z9hG4bKu1", 6, to_tag=tag, body=OFFER),
-        message("INFO", "z9hG4bKf1", 7, to_tag=tag),
-        response(200, "z9hG4bKnotours"),
-    ]
-    now = 1.0
-    for _ in range(data.draw(st.integers(1, 5))):
-        seed = data.draw(st.sampled_from(seeds))
-        mutated = data.draw(mutations(seed)) if data.draw(st.booleans()) else seed
-        ua.receive(mutated, PEER, now)
-        for event in assert_clean(ua):
-            # Play a cooperative application so every code path runs.
-            if isinstance(event, IncomingCall):
-                ua.answer(event.dialog_id, OFFER, now)
-            elif isinstance(event, ReInvite):
-                ua.accept_reinvite(event.dialog_id, OFFER, now)
-        if data.draw(st.booleans()):
-            ua.hangup(tag, now)
-        now += data.draw(st.floats(0.0, 40.0))
-        ua.handle_timers(now)
-        assert_clean(ua)
+    with sip_errors() as errors:
+        ua, tag = established()
+        seeds = [
+            message("INVITE", "z9hG4bKn1", 1, body=OFFER, call_id="fz-2"),
+            message("INVITE", "z9hG4bKr2", 2, to_tag=tag, body=OFFER),
+            message("INVITE", "z9hG4bKr3", 3, to_tag=tag),
+            message("ACK", "z9hG4bKa2", 2, to_tag=tag, body=OFFER),
+            message("BYE", "z9hG4bKb1", 4, to_tag=tag),
+            message("CANCEL", "z9hG4bKi1", 1),
+            message("OPTIONS", "z9hG4bKo1", 5, to_tag=tag),
+            message("UPDATE", "z9hG4bKu1", 6, to_tag=tag, body=OFFER),
+            message("INFO", "z9hG4bKf1", 7, to_tag=tag),
+            response(200, "z9hG4bKnotours"),
+        ]
+        now = 1.0
+        for _ in range(data.draw(st.integers(1, 5))):
+            seed = data.draw(st.sampled_from(seeds))
+            mutated = data.draw(mutations(seed)) if data.draw(st.booleans()) else seed
+            ua.receive(mutated, PEER, now)
+            for event in assert_clean(ua, errors):
+                # Play a cooperative application so every code path runs.
+                if isinstance(event, IncomingCall):
+                    ua.answer(event.dialog_id, OFFER, now)
+                elif isinstance(event, ReInvite):
+                    ua.accept_reinvite(event.dialog_id, OFFER, now)
+            if data.draw(st.booleans()):
+                ua.hangup(tag, now)
+            now += data.draw(st.floats(0.0, 40.0))
+            ua.handle_timers(now)
+            assert_clean(ua, errors)
 
 
 @FUZZ_SETTINGS

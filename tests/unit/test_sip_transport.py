@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,7 +13,7 @@ from gateway.sip.framing import StreamFramer
 from gateway.sip.message import NameAddress, SipRequest, SipResponse, Via, parse_message
 from gateway.sip.transport import SipEndpoint
 from gateway.sip.useragent import UserAgent
-from tests.loops import both_loops
+from tests.waiting import wait_for
 
 ANSWER = b"v=0\r\no=earshot 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
 OFFER = b"v=0\r\no=pbx 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\n"
@@ -109,6 +110,9 @@ async def tcp_client(port: int) -> TcpClient:
 
 
 async def test_options_over_udp_and_tcp(server: tuple[SipEndpoint, App]) -> None:
+    # this module runs on both loops (see below): the [uvloop] run must really be on uvloop
+    expected = "uvloop" if "[uvloop]" in os.environ["PYTEST_CURRENT_TEST"] else "asyncio"
+    assert type(asyncio.get_running_loop()).__module__.split(".")[0] == expected
     endpoint, _ = server
     assert endpoint.udp_port == endpoint.tcp_port > 0
     transport, udp, udp_port = await udp_client(endpoint.udp_port)
@@ -205,18 +209,48 @@ async def test_failing_event_handler_does_not_stall_the_server(server: tuple[Sip
     transport.close()
 
 
-# every test here runs on both loops: `earshot run` uses uvloop where installed
-event_loop_policy = both_loops()
+# every async test here runs on both loops: `earshot run` uses uvloop where installed
+pytest_plugins = ["tests.loops"]  # its pytest_asyncio_loop_factories hook gives both_loops users both
+pytestmark = pytest.mark.usefixtures("both_loops")
+
+
+class FakeClock:
+    """Stands in for ``SipEndpoint.now``, the clock of the TCP idle bookkeeping (last activity and
+    the sweep's deadline); it moves only when told.  The user agent's timers keep ``loop.time()``."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.time = start
+
+    def __call__(self) -> float:
+        return self.time
+
+    def advance(self, seconds: float) -> None:
+        self.time += seconds
 
 
 async def test_idle_tcp_connections_are_closed_and_dialogs_reach_the_peer_anew(server: tuple[SipEndpoint, App]) -> None:
     """An idle connection is closed after tcp_idle_timeout; one kept alive by CRLF pings is
     not; a call whose connection was closed still gets its BYE, on a new connection to the
-    remote target (the Contact), as RFC 3261 18.2.2 asks."""
+    remote target (the Contact), as RFC 3261 18.2.2 asks.
+
+    Idleness is judged on a fake clock, so which connections a sweep closes does not
+    depend on how fast this machine is; the sweep itself is the endpoint's own, re-armed
+    every 0.1 s of real time, and the test waits for one to have run after each step."""
     endpoint, app = server
+    loop = asyncio.get_running_loop()
+    clock = FakeClock()
+    endpoint.now = clock  # type: ignore[method-assign]
+    sweeps = 0
+    real_sweep = endpoint._close_idle
+
+    def counted_sweep() -> None:
+        nonlocal sweeps
+        real_sweep()
+        sweeps += 1
+
+    endpoint._close_idle = counted_sweep  # type: ignore[method-assign]
     endpoint.tcp_idle_timeout = 0.4
     endpoint._schedule_idle_sweep()
-    loop = asyncio.get_running_loop()
 
     received: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -239,14 +273,29 @@ async def test_idle_tcp_connections_are_closed_and_dialogs_reach_the_peer_anew(s
     call = await app.next(IncomingCall)
     idle = await tcp_client(endpoint.tcp_port)
     alive = await tcp_client(endpoint.tcp_port)
-    started = loop.time()
-    while loop.time() - started < 1.2:  # three idle timeouts
+    await wait_for(lambda: len(endpoint._connections) == 3, WAIT, "the server to accept all three connections")
+
+    async def step(seconds: float) -> None:
+        """Let `seconds` pass on the clock, ping on `alive`, then wait for a sweep to run."""
+        clock.advance(seconds)
         alive.writer.write(b"\r\n\r\n")
-        assert await asyncio.wait_for(alive.reader.readexactly(2), WAIT) == b"\r\n"
-        await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(alive.reader.readexactly(2), WAIT) == b"\r\n"  # pong: activity noted
+        seen = sweeps
+        await wait_for(lambda: sweeps > seen, WAIT, "an idle sweep")
+
+    # Three idle timeouts, in steps shorter than one: `alive` is never idle for a whole
+    # timeout, the other two are from the second step (0.6 s) on.
+    await step(0.3)
+    assert endpoint.idle_closed == 0
+    await step(0.3)
+    assert endpoint.idle_closed == 2
+    await step(0.3)
+    await step(0.3)
+    assert endpoint.idle_closed == 2
     assert await asyncio.wait_for(idle.reader.read(), WAIT) == b""
     assert await asyncio.wait_for(call_conn.reader.read(), WAIT) == b""
-    assert endpoint.idle_closed == 2 and len(endpoint._connections) == 1
+    await wait_for(lambda: len(endpoint._connections) == 1, WAIT, "the closed connections to be forgotten")
+    assert not alive.reader.at_eof()
 
     endpoint.ua.hangup(call.dialog_id, loop.time())  # type: ignore[attr-defined]
     endpoint.flush()

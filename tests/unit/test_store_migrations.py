@@ -8,7 +8,7 @@ from sqlalchemy import inspect, text
 from gateway.store import migrate
 from gateway.store.db import DatabaseUrlError, make_engine, make_sessionmaker, parse_url
 from gateway.store.models import Base, Call
-from tests.pg_server import scratch_database, shared_available
+from tests.pg_server import require_shared, scratch_database
 
 TABLES = {"calls", "legs", "turns", "dtmf", "call_events", "users", "api_tokens"}
 
@@ -18,8 +18,7 @@ def empty_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.db'}"
         return
-    if not shared_available():
-        pytest.skip("no PostgreSQL server on 127.0.0.1:5432")
+    require_shared()
     with scratch_database() as url:
         yield url
 

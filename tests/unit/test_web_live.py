@@ -10,6 +10,7 @@ from gateway.publisher import Publisher
 from gateway.web.live import OVERFLOW, RESET, BoardChange, LiveBoard, LiveHub, event_number
 from tests.pg_server import prompt_texts, recorded_call
 from tests.redis_server import RedisServer
+from tests.waiting import wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -30,13 +31,6 @@ async def publish(prefix, events, url=REDIS_URL):
 def make_hub(prefix, url=REDIS_URL, **kwargs):
     kwargs.setdefault("block_ms", 100)
     return LiveHub(url, events_stream=f"{prefix}:events", call_stream=lambda c: f"{prefix}:call:{c}", **kwargs)
-
-
-async def until(predicate, timeout=10.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def drain(sub, count, timeout=10.0):
@@ -227,13 +221,13 @@ async def test_board_coalesces_a_burst_per_call_and_overflows_only_past_its_boun
         one_call = live_call(prompt_texts()[:10], partials=3, ended=False)
         patient = hub.subscribe_board()
         await publish(prefix, one_call)
-        await until(lambda: hub.stats.entries >= len(one_call))
+        await wait_for(lambda: hub.stats.entries >= len(one_call), 10, "the hub to read the call")
         assert patient.pending == 1  # 40+ events, one pending update: the call's latest state
         change = await patient.get(1)
         assert change.kind == "call" and change.call.latest_text == prompt_texts()[9]
         many = [live_call(["hello"], ended=False, partials=0) for _ in range(6)]
         await publish(prefix, [e for call in many for e in call])
-        await until(lambda: patient.closed)
+        await wait_for(lambda: patient.closed, 10, "the patient subscriber to be closed")
         assert patient.overflowed and await patient.get(1) is OVERFLOW
         fresh = hub.subscribe_board()
         assert not fresh.closed and len(hub.active()) == 7
@@ -250,7 +244,7 @@ async def test_replay_then_follow_live(prefix):
         call_id = events[0].call.call_id
         first, rest = events[:5], events[5:]
         await publish(prefix, first)
-        await until(lambda: hub.stats.entries >= len(first))
+        await wait_for(lambda: hub.stats.entries >= len(first), 10, "the hub to read the first call")
         sub = hub.subscribe(call_id)  # a supervisor opens the call mid-way
         replayed = await hub.replay(call_id)
         assert [event_number(e) for e in replayed] == [1, 2, 3, 4, 5]
@@ -275,15 +269,16 @@ async def test_hub_survives_a_redis_restart_that_lost_the_stream():
         board = hub.subscribe_board()
         before = live_call(["before the restart"], ended=False)
         await publish(prefix, before, url=server.url)
-        await until(lambda: len(hub.active()) == 1)
+        await wait_for(lambda: len(hub.active()) == 1, 10, "the call on the board")
         port = server.port
         server.stop()
-        await until(lambda: not hub.redis_ok)
+        await wait_for(lambda: not hub.redis_ok, 10, "the hub to notice Redis stopped")
         server = RedisServer(port).start()  # empty: the stream is gone
-        await until(lambda: hub.redis_ok, timeout=20)
+        await wait_for(lambda: hub.redis_ok, 20, "the hub to reconnect")
         after = live_call(["after the restart"], ended=False)
         await publish(prefix, after, url=server.url)
-        await until(lambda: [c.call_id for c in hub.active()] == [after[0].call.call_id], timeout=20)
+        await wait_for(lambda: [c.call_id for c in hub.active()] == [after[0].call.call_id], 20,
+                       lambda: f"only the new call on the board: {[c.call_id for c in hub.active()]}")
         kinds = []
         while board.pending:
             item = await board.get(0)
@@ -299,7 +294,7 @@ async def test_hub_starts_while_redis_is_down_and_close_ends_subscribers():
     hub = make_hub("earshot-webtest-down", url="redis://127.0.0.1:1/0")
     await hub.start()
     sub = hub.subscribe("x")
-    await asyncio.sleep(0.3)
-    assert not hub.redis_ok and hub.stats.redis_failures >= 1
+    await wait_for(lambda: hub.stats.redis_failures >= 1, 10, "the hub to fail to reach Redis")
+    assert not hub.redis_ok
     await hub.close()
     assert await sub.get(1) is RESET

@@ -18,7 +18,8 @@ from gateway.store.users import create_token, create_user
 from gateway.web import Dashboard
 from gateway.web.live import REPLAY_CONNECTIONS
 from tests.pg_server import prompt_texts, recorded_call
-from tests.unit.test_web_live import publish, until
+from tests.unit.test_web_live import publish
+from tests.waiting import wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -174,7 +175,7 @@ async def test_many_watchers_share_one_reader_and_leave_nothing_behind(server):
         ready: list[str] = []
         tasks = [asyncio.create_task(watch("/live/stream", "ended")) for _ in range(15)]
         tasks += [asyncio.create_task(watch(f"/calls/{call_id}/stream", "end")) for _ in range(15)]
-        await until(lambda: len(ready) == 30)
+        await wait_for(lambda: len(ready) == 30, 10, lambda: f"30 watchers to connect ({len(ready)} did)")
         assert hub.subscribers == 30
         await publish(server["prefix"], call)
         results = await asyncio.wait_for(asyncio.gather(*tasks), 15)
@@ -186,7 +187,8 @@ async def test_many_watchers_share_one_reader_and_leave_nothing_behind(server):
     replayers = [c for c in connections if c.get("name") == hub.client_name + "-replay"]
     assert len(readers) == 1  # one XREAD for 30 browsers
     assert 1 <= len(replayers) <= REPLAY_CONNECTIONS  # 15 replays at once share a small pool
-    await until(lambda: hub.subscribers == 0)  # disconnected browsers are unsubscribed
+    await wait_for(lambda: hub.subscribers == 0, 10,  # disconnected browsers are unsubscribed
+                   lambda: f"no subscribers left ({hub.subscribers} are)")
 
 
 async def test_closed_browser_is_unsubscribed(server):
@@ -195,4 +197,5 @@ async def test_closed_browser_is_unsubscribed(server):
         async with client.stream("GET", "/calls/some-call/stream") as response:
             await SseReader(response).until("live")
             assert hub.subscribers == 1
-    await until(lambda: hub.subscribers == 0)  # found on the next keep-alive write
+    await wait_for(lambda: hub.subscribers == 0, 10,  # found on the next keep-alive write
+                   lambda: f"no subscribers left ({hub.subscribers} is)")
