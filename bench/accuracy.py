@@ -86,37 +86,15 @@ def engine_transcripts(entries: list[FixtureEntry]) -> tuple[dict[str, str], dic
 
     import numpy as np
 
-    from gateway.app import build_transcriber, turn_config
+    from bench.diagnostic import finals_text, leg_pipeline_finals
+    from gateway.app import build_transcriber
     from gateway.asr.interface import TranscriptionRequest
     from gateway.config import load_settings
-    from gateway.events import CallInfo, EventFactory
     from gateway.media.resample import upsample_8k_to_16k
     from gateway.media.vad import SileroVad
-    from gateway.pipeline import LegPipeline
 
     settings = load_settings(environ={"EARSHOT_ASR_THREADS": "1", "EARSHOT_ASR_PARTIALS": "false"})
     vad = SileroVad()
-
-    async def pipeline_text(transcriber, entry: FixtureEntry, samples: np.ndarray) -> str:
-        """D: VAD, turn detector and leg pipeline exactly as on a call, fed the whole file at
-        once (no RTP, no real-time pacing), so its finals depend on nothing but the audio."""
-        published = []
-        events = EventFactory(CallInfo(entry.file, entry.file, "a", "b", 0.0))
-        pipeline = LegPipeline(key=entry.file, leg="caller", events=events, publish=published.append,
-                               transcriber=transcriber, turn_config=turn_config(settings), language=None,
-                               resampler="polyphase", partials=False,
-                               context=settings.asr_context_tokens > 0 or settings.asr_context_audio_s > 0,
-                               context_audio_s=settings.asr_context_audio_s)
-        vad.add_stream(entry.file)
-        try:
-            pipeline.feed_audio(samples.tobytes(), 0.0)
-            pipeline.finish_input(0.0)
-            while (chunk := pipeline.next_chunk()) is not None:
-                pipeline.on_vad(chunk, vad.infer({entry.file: chunk})[entry.file])
-            await pipeline.close()
-        finally:
-            vad.remove_stream(entry.file)
-        return " ".join(e.data["text"] for e in published if e.type == "turn.final")
 
     async def run() -> tuple[dict[str, str], dict[str, str]]:
         transcriber = await asyncio.to_thread(build_transcriber, settings)
@@ -128,7 +106,8 @@ def engine_transcripts(entries: list[FixtureEntry]) -> tuple[dict[str, str], dic
                 samples = np.frombuffer(pcm, np.int16)
                 request = TranscriptionRequest(audio=upsample_8k_to_16k(samples, "polyphase"), kind="final")
                 whole[entry.file] = (await transcriber.transcribe(request)).text.strip()
-                leg[entry.file] = await pipeline_text(transcriber, entry, samples)
+                finals = await leg_pipeline_finals(transcriber, [entry], settings, vad)
+                leg[entry.file] = finals_text(finals[entry.file])
         finally:
             await transcriber.close()
         return whole, leg

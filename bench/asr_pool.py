@@ -50,16 +50,15 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.diagnostic import finals_text, leg_pipeline_finals  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH,
     code_version,
@@ -210,42 +209,18 @@ def make_pipeline(transcriber: Transcriber, settings: Settings, key: str, publis
 
 async def accuracy_run(backend: Backend, entries: list[FixtureEntry], settings: Settings, vad: SileroVad,
                        concurrency: int = 8) -> dict[str, Any]:
-    """Every file's turns are found at once (no pacing), so a deadline counted from the
-    turn's end means nothing here: finals get 10 minutes."""
-    settings = replace(settings, asr_final_timeout_s=600.0)
+    """Diagnostic D (bench/diagnostic.py) through this backend, 8 files at a time."""
     timed = Timed(backend.transcriber)
-    texts: dict[str, str] = {}
-    errors = 0
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(entry: FixtureEntry) -> None:
-        nonlocal errors
-        async with gate:
-            published: list[Event] = []
-            key = f"{entry.file}-{uuid.uuid4().hex[:6]}"
-            pipeline = make_pipeline(timed, settings, key, published.append, partials=False)  # type: ignore[arg-type]
-            pcm, _rate = read_pcm16(entry.file)
-            vad.add_stream(key)
-            try:
-                pipeline.feed_audio(pcm, 0.0)
-                pipeline.finish_input(0.0)
-                while (chunk := pipeline.next_chunk()) is not None:
-                    pipeline.on_vad(chunk, vad.infer({key: chunk})[key])
-                await pipeline.close()
-            finally:
-                vad.remove_stream(key)
-            finals = [e for e in published if e.type == TURN_FINAL]
-            errors += sum(1 for e in finals if e.data.get("error"))
-            texts[entry.file] = " ".join(e.data["text"] for e in finals)
-
     started = time.monotonic()
-    await asyncio.gather(*(one(e) for e in entries))
+    finals = await leg_pipeline_finals(timed, entries, settings, vad, concurrency)  # type: ignore[arg-type]
     wall = time.monotonic() - started
+    texts = {file: finals_text(events) for file, events in finals.items()}
+    errors = sum(1 for events in finals.values() for e in events if e.data.get("error"))
     wer = corpus_wer((e.text, texts[e.file]) for e in entries)
-    finals = timed.turnaround["final"]
-    return {"wer": round(wer, 4), "finals": len(finals), "errors": errors, "wall_s": round(wall, 1),
-            "finals_per_s": round(len(finals) / wall, 2),
-            "turnaround_p50_ms": round(percentile(finals, 50) * 1000), "turnaround_p95_ms": round(percentile(finals, 95) * 1000),
+    done = timed.turnaround["final"]
+    return {"wer": round(wer, 4), "finals": len(done), "errors": errors, "wall_s": round(wall, 1),
+            "finals_per_s": round(len(done) / wall, 2),
+            "turnaround_p50_ms": round(percentile(done, 50) * 1000), "turnaround_p95_ms": round(percentile(done, 95) * 1000),
             "texts": texts}
 
 
