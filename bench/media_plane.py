@@ -1,12 +1,14 @@
-"""CPU cost of the media plane alone, for 50, 200 and 500 concurrent calls.
+"""CPU cost of everything a call costs but Whisper, for 50, 200 and 500 concurrent calls.
 
 Usage:
     .venv/bin/python bench/media_plane.py [--calls 50 200 500] [--seconds 60] [--rate 50]
         [--variant NAME:EARSHOT_X=V ...] [--variant-calls 500] [--profile 500] [--no-write]
 
-The gateway runs with EARSHOT_ASR_MODEL=none: RTP receive, jitter buffer, G.711
-decode, batched Silero VAD, turn detection and resampling of every turn, but no
-Whisper. sipp places the calls (bench/uac_speech.xml) and streams a real
+The gateway runs with EARSHOT_ASR_MODEL=stub (gateway/asr/stub.py): RTP receive,
+jitter buffer, G.711 decode, batched Silero VAD, turn detection, resampling of
+every turn, and the partials and finals that a placeholder transcriber returns
+at once, published to Redis and persisted to SQLite by the gateway's own
+persister, as on a real call; only Whisper is left out. sipp places the calls (bench/uac_speech.xml) and streams a real
 recording with ``rtp_stream``: the five caller fixtures, mu-law, concatenated
 and cut to ``--seconds``, as 20 ms PCMU packets over loopback, one call per
 ``1/rate`` s. A fresh gateway is started for each call count.
@@ -21,7 +23,12 @@ Measured, for each count:
   accepted by the gateway (earshot_rtp_packets), the gateway's lost/late
   counts, and the kernel's UDP drops (/proc/net/snmp Udp InErrors and
   RcvbufErrors deltas over the whole run, machine-wide);
-* VAD tick time (earshot_vad_tick_seconds) against its 32 ms budget.
+* VAD tick time (earshot_vad_tick_seconds) against its 32 ms budget;
+* events published to Redis and stored in SQL (earshot_published_events,
+  earshot_persister_stored).
+
+All rows of one run measure the same code: a run whose tree changes while it
+runs records which code each gateway loaded.
 
 Writes the "media_plane" section of bench/RESULTS.md and bench/results/media_plane.json.
 """
@@ -140,8 +147,8 @@ def run_one(calls: int, audio: Path, packets: int, rate: float, log_dir: Path, *
             variant: str = "default", extra_env: dict[str, str] | None = None, profile_s: float = 0.0) -> dict:
     audio_ms = packets * 20
     env = {
-        "EARSHOT_ASR_MODEL": "none",
-        "EARSHOT_PERSIST": "false",
+        "EARSHOT_ASR_MODEL": "stub",
+        "EARSHOT_DATABASE_URL": f"sqlite:///{log_dir / f'earshot-{calls}-{variant}.db'}",
         "EARSHOT_MAX_CALLS": str(calls + 50),
         "EARSHOT_RTP_PORT_MIN": "40000",
         "EARSHOT_RTP_PORT_MAX": str(40000 + 4 * calls + 200),
@@ -250,9 +257,19 @@ def run_one(calls: int, audio: Path, packets: int, rate: float, log_dir: Path, *
         "vad_ticks_over_32ms": final.get("earshot_vad_tick_seconds_count", 0.0)
         - final.get('earshot_vad_tick_seconds_bucket{le="0.032"}', 0.0),
         "turns": sum(v for k, v in final.items() if k.startswith("earshot_turns_total")),
+        "published_events": final.get("earshot_published_events_total", 0.0),
+        "stored_events": final.get("earshot_persister_stored_total", 0.0),
         "expected_turns": calls * expected_turns(packets),
     })
     return result
+
+
+def code_line(results: list[dict]) -> str:
+    """The commit every row measured, or each row's where they differ (the tree changed mid-run)."""
+    codes = {r["code"] for r in results}
+    if len(codes) == 1:
+        return f"{codes.pop()} (every row)"
+    return "rows differ: " + "; ".join(f"{r['calls']} {r['variant']}: {r['code']}" for r in results)
 
 
 def main() -> int:
@@ -301,7 +318,8 @@ def main() -> int:
             f"| {r['late']:.0f} | {r['udp_in_errors']} / {r['udp_rcvbuf_errors']} "
             f"| {r['vad_tick_mean_ms']:.2f} | {r['vad_ticks_over_32ms']:.0f} of {r['vad_ticks']:.0f} "
             f"| {r['hangup_drain_s']:.1f} | {r['turns']:.0f} of {r['expected_turns']} "
-            f"| {r['sipp_successful']}/{r['calls']} | {max(0.0, r.get('other_cores', float('nan'))):.2f} |")
+            f"| {r['published_events']:.0f} / {r['stored_events']:.0f} "
+            f"| {r['sipp_successful']}/{r['calls']} | {r.get('other_cores', float('nan')):.2f} |")
     profiles = []
     for r in results:
         if r.get("profile"):
@@ -314,22 +332,26 @@ def main() -> int:
 Command: `{command}`
 Date: {now_utc()}.
 Machine: {machine_description()}.
-Code (when each gateway started): {'; '.join(f"{r['calls']} {r['variant']}: {r['code']}" for r in results)}.
+Code: {code_line(results)}.
 Variants (same call count, one setting changed): {'; '.join(variants) or 'none'}.
 Load: {'; '.join(loads)}.
 
-Gateway with `EARSHOT_ASR_MODEL=none` (RTP, jitter buffer, G.711 decode, batched Silero VAD, turn detection,
-resampling of every turn; no Whisper), a fresh process per call count. Load generator: sipp 3.6.1
+Gateway with `EARSHOT_ASR_MODEL=stub` (RTP, jitter buffer, G.711 decode, batched Silero VAD, turn detection,
+resampling of every turn, and the partials and finals of a placeholder transcriber that answers at once, published
+to Redis and stored in SQLite by the gateway's persister: the whole path but Whisper), a fresh process per row. Load generator: sipp 3.6.1
 (`bench/uac_speech.xml`, `rtp_stream`) on the same 2 cores, {args.rate:g} new calls/s, each streaming
 {args.seconds:g} s of the five caller fixtures (real speech, mu-law) as 20 ms PCMU packets over loopback, then
 {HOLD_MS} ms of hold before BYE. CPU from /proc/<pid>/stat over the steady window (all calls up, sampled
 every 1 s); calls per core = calls / (gateway CPU s / wall s). Packets sent = completed calls x {packets}.
 Kernel UDP errors are machine-wide deltas over the run (other work on the machine counts too). "Other
 processes' cores" = machine-wide busy CPU (/proc/stat) minus gateway and sipp over the same window: the
-competition on this shared machine.
+competition on this shared machine (Redis, which stores the events, counts here too). It is shown as measured,
+and can read slightly below zero on a quiet machine: the kernel counts a process's time (/proc/<pid>/stat) and
+the machine's (/proc/stat) with separate per-tick accounting, and the three files are read a few milliseconds
+apart, so near zero the difference is noise of a few hundredths of a core.
 
-| calls | window s | gateway cores | calls per core | sipp cores | packets sent | accepted by gateway | sent - accepted | lost | late | kernel UDP InErrors / RcvbufErrors | VAD tick mean ms | VAD ticks > 32 ms | last call's end after its BYE, s | turns detected (of manifest turns) | calls completed | other processes' cores in the window |
-|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---|---|---:|
+| calls | window s | gateway cores | calls per core | sipp cores | packets sent | accepted by gateway | sent - accepted | lost | late | kernel UDP InErrors / RcvbufErrors | VAD tick mean ms | VAD ticks > 32 ms | last call's end after its BYE, s | turns detected (of manifest turns) | events published / stored | calls completed | other processes' cores in the window |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---|---|---|---:|
 {chr(10).join(rows)}
 
 A VAD tick is one pass of the batched runner: one round of one 32 ms chunk per call, plus up to 7 more rounds

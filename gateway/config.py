@@ -65,7 +65,7 @@ class Settings:
     asr_final_timeout_s: float = 15.0  # a final with no result by then is published with error asr-timeout
     asr_partial_timeout_s: float = 2.0  # a partial with no result by then is dropped
     # ASR model and engine (the embedded backend and `earshot worker`)
-    asr_model: str = "tiny.en"  # "none": media plane only, nothing is transcribed (benchmarks)
+    asr_model: str = "tiny.en"  # benchmarks only: "none" transcribes nothing, "stub" answers placeholder words at once
     asr_device: str = "auto"
     asr_compute_type: str = "default"  # default: int8 on CPU, float16 on GPU
     asr_threads: int = 0

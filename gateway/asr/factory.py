@@ -65,6 +65,10 @@ def build_transcriber(settings: Settings, *, instance: str = "") -> Transcriber:
         from .media_only import MediaOnlyTranscriber
 
         return MediaOnlyTranscriber()
+    if settings.asr_model == "stub":  # everything but Whisper: placeholder text at once (capacity benchmarks)
+        from .stub import StubTranscriber
+
+        return StubTranscriber()
     from .whisper.transcriber import WhisperTranscriber  # imports faster-whisper: only when needed
 
     return WhisperTranscriber(engine=build_engine(settings), limits=scheduler_limits(settings))

@@ -33,7 +33,7 @@ from tests.fixtures_data import (
 RATE = 8000
 FRAME = RATE // 100  # 10 ms
 SPEECH_DBFS = -40.0  # the threshold build.py used for speech extents
-MULTI_TURN = {"caller", "conversation", "monologue"}
+MULTI_TURN = {"caller", "held_out", "conversation", "monologue"}
 ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en")
 
 ENTRIES = load_manifest()
@@ -89,6 +89,7 @@ def test_manifest_covers_the_required_cases() -> None:
     kinds = Counter(e.kind for e in ENTRIES)
     assert kinds["prompt"] >= 25
     assert kinds["caller"] >= 5
+    assert kinds["held_out"] >= 5  # the accuracy split no setting was chosen on
     assert kinds["monologue"] == kinds["conversation"] == kinds["silence"] == kinds["noise"] == 1
     encodings = Counter(e.encoding for e in ENTRIES)
     assert 1 <= encodings["a-law"] <= 2 < encodings["mu-law"]
@@ -97,7 +98,7 @@ def test_manifest_covers_the_required_cases() -> None:
 
 def test_whole_directory_stays_small() -> None:
     total = sum(p.stat().st_size for p in FIXTURES_DIR.rglob("*") if p.is_file())
-    assert total < 4_200_000
+    assert total < 5_500_000
 
 
 def test_readme_carries_the_attribution() -> None:
@@ -154,7 +155,9 @@ def test_pauses_inside_turns_are_as_stated(entry: FixtureEntry) -> None:
     x = samples(entry)
     for turn in entry.turns:
         pause = longest_quiet_run_ms(x[ms(turn.start_ms):ms(turn.end_ms)], SPEECH_DBFS)
-        assert abs(pause - turn.longest_pause_ms) <= 20, turn.text
+        # build.py measures on the prompt's own 10 ms grid, this on the file's; where
+        # the quiet run's edges hover at the threshold the grids disagree by a few frames
+        assert abs(pause - turn.longest_pause_ms) <= 40, turn.text
         if entry.kind in MULTI_TURN:
             # A 500 ms silence threshold must not split a turn in two.
             assert pause < 500, turn.text
@@ -181,7 +184,7 @@ def test_silence_around_and_between_turns(entry: FixtureEntry) -> None:
 
 def test_multi_turn_files_have_the_intended_lengths() -> None:
     for entry in ENTRIES:
-        if entry.kind == "caller":
+        if entry.kind in ("caller", "held_out"):
             assert 14_000 <= entry.duration_ms <= 30_000, entry.file
             assert 3 <= len(entry.turns) <= 5, entry.file
         if entry.kind == "prompt":
