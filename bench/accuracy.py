@@ -318,7 +318,7 @@ Every other setting is the default.
 <= {GOAL_RATIO}), ratecv {ratio['ratecv']:.3f} ({verdict['ratecv']} it).** Offline {off:.2%}, polyphase {poly:.2%},
 ratecv {ratecv:.2%} over {words_all} reference words: one word is {1 / max(words_all, 1):.2%} of WER, so a ratio of
 {GOAL_RATIO} allows {int(round(off * words_all) * (GOAL_RATIO - 1) + 1e-9)} more word errors than offline's {round(off * words_all)}.
-**On the held-out callers** ({held_words} words, 6 files that no setting was chosen on): offline
+**On the held-out callers** ({held_words} words, {count('held_out')} files that no setting was chosen on): offline
 {wer('offline', held):.2%}, polyphase {wer('polyphase', held):.2%} (ratio {held_ratio['polyphase']:.3f}), ratecv
 {wer('ratecv', held):.2%} (ratio {held_ratio['ratecv']:.3f}). Diagnostics A-D below are over the tuned set.
 
