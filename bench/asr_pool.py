@@ -159,7 +159,10 @@ async def open_backend(mode: Mode, redis_url: str, wait_ms: float) -> Backend:
         ok, reason = peers.available()
         if not ok:
             raise SystemExit(f"mode openai: {reason}")
-        server = peers.OpenAIPeerServer()
+        # the server decodes every request as the embedded backend decodes finals
+        # (beam asr_beam_size, int8, the same threads), so the rows differ in what
+        # the API carries, not in decoding options
+        server = peers.OpenAIPeerServer(beam_size=load_settings(environ={}).asr_beam_size, cpu_threads=mode.threads)
         server.__enter__()
         settings = settings_for(mode, redis_url, prefix, server.base_url)
         from gateway.asr.factory import build_transcriber
@@ -296,6 +299,21 @@ async def simulated_calls(backend: Backend, k: int, seconds: float, callers: lis
 
 # -- the run --------------------------------------------------------------------------------
 
+def modes_note(rows: list[dict[str, Any]]) -> str:
+    """What the modes other than the pool and the plain embedded backend change."""
+    names = {r["mode"] for r in rows}
+    notes = []
+    if "embedded-text" in names:
+        notes.append("embedded-text: in process with `asr_context_audio_s` 0 (the earlier turns' text as the "
+                     "prompt, no context audio: all an OpenAI-compatible request can carry)")
+    if "openai" in names:
+        notes.append(f"openai: `asr_backend: openai` against faster-whisper-server (tests/peers.py, from "
+                     f".venv-peers) serving the same tiny.en, int8, beam {load_settings(environ={}).asr_beam_size} for "
+                     f"every request, {Mode.parse('openai').threads} threads; each turn a 16 kHz WAV with the text "
+                     "prompt")
+    return ("\n" + ";\n".join(notes) + ".") if notes else ""
+
+
 def table_a(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["mode"] == "embedded"), None)
     lines = ["| mode | workers x batch | WER | finals | finals/s | vs embedded | turnaround p50 / p95 | batch sizes seen |",
@@ -366,7 +384,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         curve.append(point)
             finally:
                 await close_backend(backend)
-            shape = "in process" if mode.workers == 0 else f"{mode.workers} x {mode.batch}"
+            shape = (f"{mode.workers} x {mode.batch}" if mode.workers else
+                     "faster-whisper-server over HTTP" if mode.name == "openai" else "in process")
             rows.append({"mode": mode.name, "shape": shape, "threads_per_process": mode.threads,
                          "accuracy": accuracy, "latency": latency, "batch_sizes": sizes, "capacity": curve})
     finally:
@@ -407,7 +426,7 @@ Load before: {load_before}. After: {load_after}.
 Packaged tiny.en, int8, everything on this one machine (pipelines, VAD, Redis, workers):
 the cores are split between the decoding threads (1 worker: {Mode.parse('pool-1x1').threads} threads,
 2 workers: 1 each, embedded: {Mode.parse('embedded').threads}); workers with a batch above 1 wait up to
-{args.wait_ms:g} ms for it to fill (`asr_batch_wait_ms`); other settings are the defaults.
+{args.wait_ms:g} ms for it to fill (`asr_batch_wait_ms`); other settings are the defaults.{modes_note(rows)}
 
 **A. Accuracy and throughput**: every speech fixture ({len(next(iter(rows))['accuracy']['texts'])} files)
 through the leg pipeline without RTP, 8 files at a time, partials off, no deadline (the turns
@@ -417,6 +436,9 @@ result back at the gateway side.
 
 {table_a(rows)}
 
+"""
+    if args.latency_calls:
+        body += f"""
 **B. End of speech -> turn.final** with {args.latency_calls} simulated calls in real time for
 {args.latency_s:g} s (fixture callers paced at 20 ms into the leg pipeline, speech {TALK_RATIO:.0%} of the
 call, partials on; `latency_ms` as the gateway measures it, without the event's own XADD):
