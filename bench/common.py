@@ -35,6 +35,7 @@ import redis  # noqa: E402
 
 from gateway.events import parse_fields  # noqa: E402
 from tests.e2e.harness import REDIS_URL, GatewayProcess, start_gateway  # noqa: E402
+from tests.redis_server import free_media_ports  # noqa: E402
 from tests.fixtures_data import FixtureEntry, read_g711  # noqa: E402
 
 BENCH = ROOT / "bench"
@@ -368,7 +369,7 @@ def sipp_signalling(*, sip_port: int, call_id: str, media_port: int, codec: str,
     timeout_s = pause_ms // 1000 + 60
     args = [
         "sipp", f"127.0.0.1:{sip_port}", "-sf", str(SIGNALLING_SCENARIO), "-s", "1000",
-        "-i", "127.0.0.1", "-p", str(free_udp_port()), "-bind_local", "-mp", str(free_udp_port()),
+        "-i", "127.0.0.1", "-p", str(free_udp_port()), "-bind_local", "-mp", str(free_media_ports()),
         "-t", "u1", "-m", "1", "-l", "1", "-d", str(pause_ms),
         "-key", "media_host", "127.0.0.1", "-key", "media_port", str(media_port),
         "-key", "codec_pt", str(PAYLOAD_TYPES[codec]), "-key", "codec_name", codec,

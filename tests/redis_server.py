@@ -6,6 +6,7 @@ import random
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 
@@ -26,6 +27,41 @@ def free_port() -> int:
             except OSError:
                 continue
         return port
+
+
+_MEDIA_BLOCKS = range(30_000, 32_768 - 4, 4)
+_media_next = random.randrange(len(_MEDIA_BLOCKS))
+_media_lock = threading.Lock()
+
+
+def free_media_ports() -> int:
+    """The first of four consecutive free UDP ports, for a SIP peer's own media.
+
+    sipp's ``-mp P`` binds P and P+1 for audio and P+2 and P+3 for video: a
+    single free port from the kernel leaves the other three to chance (seen as
+    "Unable to bind video RTP socket ... Address already in use" with several
+    sipps at once). Blocks come in turn from 30000-32767, above the tests' RTP
+    ranges and below the ephemeral range, so two peers of one process never
+    get the same block.
+    """
+    global _media_next
+    for _ in range(len(_MEDIA_BLOCKS)):
+        with _media_lock:
+            base = _MEDIA_BLOCKS[_media_next % len(_MEDIA_BLOCKS)]
+            _media_next += 1
+        sockets = []
+        try:
+            for port in range(base, base + 4):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise RuntimeError("no four consecutive free UDP ports in 30000-32767")
 
 
 class RedisServer:

@@ -22,7 +22,7 @@ from gateway.asr.wer import word_error_rate
 from gateway.sip.message import NameAddress, SipRequest, SipResponse, parse_cseq, parse_message
 from tests.e2e.harness import by_call, pcm_wav, place_calls, read_events, start_gateway, wait_for_calls_ended
 from tests.fixtures_data import get_entry
-from tests.redis_server import free_port
+from tests.redis_server import free_media_ports, free_port
 
 pytestmark = [pytest.mark.e2e]
 
@@ -183,7 +183,7 @@ def test_no_rtp_for_media_timeout_gets_a_bye(tmp_path):
         started = time.monotonic()
         done = subprocess.run(
             ["sipp", f"127.0.0.1:{gw.sip_port}", "-sf", str(HERE / "sipp/uac_silent_until_bye.xml"),
-             "-s", "1000", "-i", "127.0.0.1", "-p", str(free_port()), "-mp", str(free_port()), "-m", "1",
+             "-s", "1000", "-i", "127.0.0.1", "-p", str(free_port()), "-mp", str(free_media_ports()), "-m", "1",
              "-timeout", "40s", "-timeout_error", "-nostdin", "-aa",
              "-trace_err", "-error_file", str(tmp_path / "errors.log")],
             capture_output=True, text=True, timeout=60)
