@@ -5,7 +5,9 @@ only check that the code still lands near them, with margins for a shared machin
 
 - word errors of diagnostic D (the leg pipeline fed every speech fixture, deterministic:
   bench/diagnostic.py) with the embedded backend's defaults: measured 1.68-1.77 %
-  (18-19 errors in 1071 words; 1.68 % on 2026-12-02), bound 2.3 % (about 24 errors);
+  (18-19 errors in 1071 words; 1.68 % on 2026-12-02), bound 2.0 % (21 errors): tight
+  enough that losing the context audio (24 errors, bench/RESULTS.md "asr_openai") fails,
+  with room for a CPU whose int8 kernels round a word differently;
 - end of speech -> turn.final of one real call at the 500 ms silence threshold: measured
   medians 519-626 ms on the 2-core development machine (20-130 ms above the threshold),
   bound 1500 ms: the part Earshot adds may grow several-fold on a slow, shared machine,
@@ -30,7 +32,7 @@ from tests.fixtures_data import get_entry, load_manifest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SPEECH_KINDS = ("prompt", "caller", "monologue", "conversation")
-WER_BOUND = 0.023
+WER_BOUND = 0.020
 LATENCY_MEDIAN_BOUND_MS = 1500
 
 

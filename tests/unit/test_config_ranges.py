@@ -57,3 +57,25 @@ def test_the_command_line_is_checked_the_same_way() -> None:
         load_settings(environ={}, sip_port=0)
     with pytest.raises(ConfigError, match="^asr_max_batch: must be a number from 1 to 256"):
         load_settings(environ={}, asr_max_batch=0)
+
+
+# The values the review found accepted, written out here rather than derived from
+# RANGES, so that a range widened by mistake fails too.
+FOUND_ACCEPTED = {
+    "rtp_jitter_ms": ["-1", "-60"],
+    "partial_interval_ms": ["0", "-1000"],
+    "stream_maxlen": ["0", "-1"],
+    "retry_after_s": ["0", "-30"],
+    "drain_timeout_s": ["-1", "nan", "inf"],
+    "publish_buffer": ["0", "-1"],
+    "min_speech_ms": ["0", "-250"],
+    "asr_threads": ["-1", "100000"],
+    "media_timeout_s": ["0", "-30", "nan", "inf", "-inf"],
+}
+FOUND_CASES = [(name, value) for name, values in FOUND_ACCEPTED.items() for value in values]
+
+
+@pytest.mark.parametrize(("name", "value"), FOUND_CASES, ids=[f"{n}={v}" for n, v in FOUND_CASES])
+def test_the_values_the_review_found_accepted_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{name}: "):
+        load_settings(environ={f"EARSHOT_{name.upper()}": value})
