@@ -279,7 +279,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="new calls per second")
     parser.add_argument("--variant", action="append", default=None,
                         help='extra runs at --variant-calls: "NAME:EARSHOT_X=V,EARSHOT_Y=W" (repeatable; default: '
-                             'partials-off:EARSHOT_ASR_PARTIALS=false and asyncio-loop:EARSHOT_EVENT_LOOP=asyncio)')
+                             'partials-off:EARSHOT_ASR_PARTIALS=false and asyncio-loop:EARSHOT_EVENT_LOOP=asyncio; "none": no variants)')
     parser.add_argument("--variant-calls", type=int, default=500)
     parser.add_argument("--profile", type=int, nargs="*", default=[500],
                         help="call counts to profile with py-spy (on PATH or $PY_SPY) for 20 s of the steady window")
@@ -295,6 +295,8 @@ def main() -> int:
         "partials-off:EARSHOT_ASR_PARTIALS=false", "asyncio-loop:EARSHOT_EVENT_LOOP=asyncio"]
     runs: list[tuple[int, str, dict[str, str]]] = [(calls, "default", {}) for calls in args.calls]
     for spec in variants:
+        if spec == "none":  # --variant none: the call counts only
+            continue
         name, _, settings = spec.partition(":")
         env = dict(item.split("=", 1) for item in settings.split(",") if item)
         if not all(key.startswith("EARSHOT_") for key in env):
