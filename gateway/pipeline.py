@@ -347,9 +347,7 @@ class LegPipeline:
     ) -> TranscriptionResult:
         """``after``: the publication of the previous final, whose text is this turn's context.
 
-        Resampling happens first (the turn's audio is fixed), in a worker thread:
-        a long turn's filter would otherwise hold the event loop, and with it every
-        call's packets (``np.convolve`` releases the GIL). Then the wait:
+        Resampling happens first (the turn's audio is fixed), then the wait:
         ``asyncio.wait`` neither raises the previous turn's error nor cancels
         it when this (speculative) request is cancelled.
         """
@@ -357,11 +355,11 @@ class LegPipeline:
         deadline = self._wall() + timeout if timeout else None  # from now: the end of the turn (or the partial)
         if kind == "final":
             # the whole turn at once: exactly what a pool worker rebuilds from the 8 kHz source
-            samples = await asyncio.to_thread(upsample_8k_to_16k, event.audio, method=self._resampler)
+            samples = upsample_8k_to_16k(event.audio, method=self._resampler)
             self._resampled = _Resampled(event.turn, event.start_sample, event.audio.size, samples)
             self._turn_audio[event.turn] = _Context("", samples, event.audio)
         else:
-            samples = await asyncio.to_thread(self._upsampled, event.turn, event.start_sample, event.audio)
+            samples = self._upsampled(event.turn, event.start_sample, event.audio)
         if self._use_context and after is not None and not after.done():
             await asyncio.wait((after,))
         request = TranscriptionRequest(audio=samples, kind=kind, language=self._language,  # type: ignore[arg-type]
@@ -417,10 +415,7 @@ class LegPipeline:
     def _upsampled(self, turn: int, start_sample: int, audio: np.ndarray) -> np.ndarray:
         """The turn's audio at 16 kHz. Partials and the final of a turn share its start and
         grow at the end, so only the new audio (plus a margin the filter reaches across) is
-        resampled: each sample once per turn instead of once per request.
-
-        Runs in a worker thread; the cache is one reference, replaced whole, so a reader
-        sees either the previous entry or the new one, each consistent in itself."""
+        resampled: each sample once per turn instead of once per request."""
         cache = self._resampled
         if cache is None or cache.turn != turn or cache.start_sample != start_sample or audio.size < cache.samples:
             out = upsample_8k_to_16k(audio, method=self._resampler)
