@@ -11,6 +11,7 @@ realistic size. Never for production: it hears nothing.
 from __future__ import annotations
 
 from .interface import TranscriptionRequest, TranscriptionResult
+from .media_only import MediaOnlyTranscriber
 
 __all__ = ["StubTranscriber"]
 
@@ -23,21 +24,14 @@ def placeholder_text(seconds: float) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(count))
 
 
-class StubTranscriber:
+class StubTranscriber(MediaOnlyTranscriber):
+    """Counts requests as ``none`` does, but answers placeholder words instead of silence."""
+
     name = "stub"
 
-    def __init__(self) -> None:
-        self.requests = 0
-        self.audio_seconds = 0.0
-
-    async def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
-        self.requests += 1
-        self.audio_seconds += request.seconds
+    def result(self, request: TranscriptionRequest) -> TranscriptionResult:
         return TranscriptionResult(
             text=placeholder_text(request.seconds), language=request.language or "en", language_probability=1.0,
             avg_logprob=0.0, no_speech_prob=0.0, compression_ratio=1.0, audio_seconds=request.seconds,
             processing_seconds=0.0, model=self.name, silence=False,
         )
-
-    async def close(self) -> None:
-        return None
