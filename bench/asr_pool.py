@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.diagnostic import finals_text, leg_pipeline_finals  # noqa: E402
+from bench.diagnostic import finals_text, leg_pipeline, leg_pipeline_finals  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH,
     code_version,
@@ -68,13 +68,12 @@ from bench.common import (  # noqa: E402
     percentile,
     write_section,
 )
-from gateway.app import partials_enabled, turn_config  # noqa: E402
+from gateway.app import partials_enabled  # noqa: E402
 from gateway.asr.interface import Transcriber, TranscriptionRequest, TranscriptionResult  # noqa: E402
 from gateway.asr.wer import corpus_wer  # noqa: E402
 from gateway.config import Settings, load_settings  # noqa: E402
-from gateway.events import TURN_FINAL, TURN_PARTIAL, CallInfo, Event, EventFactory  # noqa: E402
+from gateway.events import TURN_FINAL, TURN_PARTIAL, Event  # noqa: E402
 from gateway.media.vad import BatchedVadRunner, SileroVad  # noqa: E402
-from gateway.pipeline import LegPipeline  # noqa: E402
 from tests.e2e.harness import WorkerProcess, start_worker  # noqa: E402
 from tests.fixtures_data import FixtureEntry, load_manifest, read_pcm16  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -197,17 +196,6 @@ async def close_backend(backend: Backend) -> None:
         backend.peer.__exit__(None, None, None)
 
 
-def make_pipeline(transcriber: Transcriber, settings: Settings, key: str, publish: Any, partials: bool) -> LegPipeline:
-    call = CallInfo(call_id=key, sip_call_id=key, from_uri="sip:bench@a", to_uri="sip:earshot@b",
-                    started_at=time.time())
-    return LegPipeline(key=f"{key}/caller", leg="caller", events=EventFactory(call), publish=publish,
-                       transcriber=transcriber, turn_config=turn_config(settings), language=None,
-                       resampler=settings.resampler, partials=partials,
-                       context=settings.asr_context_tokens > 0 or settings.asr_context_audio_s > 0,
-                       context_audio_s=settings.asr_context_audio_s, session=key,
-                       final_timeout_s=settings.asr_final_timeout_s, partial_timeout_s=settings.asr_partial_timeout_s)
-
-
 # -- A: accuracy and throughput -------------------------------------------------------------
 
 async def accuracy_run(backend: Backend, entries: list[FixtureEntry], settings: Settings, vad: SileroVad,
@@ -264,7 +252,7 @@ async def simulated_calls(backend: Backend, k: int, seconds: float, callers: lis
         while time.monotonic() < stop_at:
             entry = rng.choice(callers)
             audio = pcm_of[entry.file] + b"\x00\x00" * int(talk_padding(entry) * 8000)
-            pipeline = make_pipeline(backend.transcriber, settings, f"s{i}-{calls}-{uuid.uuid4().hex[:4]}", publish,
+            pipeline = leg_pipeline(backend.transcriber, settings, f"s{i}-{calls}-{uuid.uuid4().hex[:4]}", publish,
                                      partials=partials_enabled(settings))
             calls += 1
             runner.register(pipeline)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from gateway.app import turn_config
 from gateway.asr.interface import Transcriber
@@ -23,7 +24,20 @@ from gateway.media.vad import SileroVad
 from gateway.pipeline import LegPipeline
 from tests.fixtures_data import FixtureEntry, read_pcm16
 
-__all__ = ["finals_text", "leg_pipeline_finals"]
+__all__ = ["finals_text", "leg_pipeline", "leg_pipeline_finals"]
+
+
+def leg_pipeline(transcriber: Transcriber, settings: Settings, key: str, publish: Callable[[Event], None],
+                 partials: bool) -> LegPipeline:
+    """One caller leg's pipeline as the gateway builds it from ``settings``, without SIP/RTP."""
+    call = CallInfo(call_id=key, sip_call_id=key, from_uri="sip:bench@a", to_uri="sip:earshot@b",
+                    started_at=time.time())
+    return LegPipeline(key=f"{key}/caller", leg="caller", events=EventFactory(call), publish=publish,
+                       transcriber=transcriber, turn_config=turn_config(settings), language=None,
+                       resampler=settings.resampler, partials=partials,
+                       context=settings.asr_context_tokens > 0 or settings.asr_context_audio_s > 0,
+                       context_audio_s=settings.asr_context_audio_s, session=key,
+                       final_timeout_s=settings.asr_final_timeout_s, partial_timeout_s=settings.asr_partial_timeout_s)
 
 
 async def leg_pipeline_finals(transcriber: Transcriber, entries: Iterable[FixtureEntry], settings: Settings,
@@ -42,14 +56,7 @@ async def leg_pipeline_finals(transcriber: Transcriber, entries: Iterable[Fixtur
         async with gate:
             published: list[Event] = []
             key = f"{entry.file}-{uuid.uuid4().hex[:6]}"
-            call = CallInfo(call_id=key, sip_call_id=key, from_uri="sip:a@x", to_uri="sip:b@y", started_at=0.0)
-            pipeline = LegPipeline(
-                key=f"{key}/caller", leg="caller", events=EventFactory(call), publish=published.append,
-                transcriber=transcriber, turn_config=turn_config(settings), language=None,
-                resampler=settings.resampler, partials=False,
-                context=settings.asr_context_tokens > 0 or settings.asr_context_audio_s > 0,
-                context_audio_s=settings.asr_context_audio_s, session=key,
-                final_timeout_s=settings.asr_final_timeout_s, partial_timeout_s=settings.asr_partial_timeout_s)
+            pipeline = leg_pipeline(transcriber, settings, key, published.append, partials=False)
             pcm, _rate = read_pcm16(entry.file)
             vad.add_stream(key)
             try:
