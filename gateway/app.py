@@ -24,7 +24,7 @@ from .asr.interface import Transcriber, TranscriptionResult
 from .call import Call
 from .config import Settings
 from .dialplan import Dialplan, Route, load_dialplan
-from .events import CALL_ENDED, CALL_STARTED, TURN_FINAL, CallInfo, Event, EventFactory
+from .events import CALL_ENDED, CALL_STARTED, TURN_FINAL, CallInfo, Event, EventFactory, Source
 from .http import HttpServer, build_app
 from .media.turn import TurnConfig
 from .media.vad import BatchedVadRunner, SileroVad
@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .pipeline import LegPipeline
 from .presence import Heartbeat, default_instance_id, read_presence
 from .publisher import Publisher
+from .session import SessionHost
 from .rtp.receiver import RtpReceiver
 from .rtp.transport import NoFreePortError, RtpPortAllocator, open_rtp_socket
 from .sip.events import (
@@ -147,6 +148,8 @@ class Gateway:
         self.heartbeat: Heartbeat | None = None
         self.asr_workers: int | None = None  # live pool workers, from their heartbeats (pool backend only)
         self.turn_errors: dict[str, int] = {}
+        self.sessions: SessionHost | None = None  # non-SIP sessions (streaming APIs, uploads)
+        self.api: Any = None
 
     # -- life cycle
     async def start(self) -> None:
@@ -162,6 +165,10 @@ class Gateway:
         self.vad_runner = BatchedVadRunner(self.vad)
         self.vad_runner.on_tick = self._on_vad_tick
         self._spawn(self.vad_runner.run())
+        self.sessions = SessionHost(s, vad_runner=self.vad_runner, transcriber=self.transcriber,
+                                    publish=self.publisher.publish, capacity=self._free_slots,
+                                    on_final=self._on_final, turn_config=turn_config(s),
+                                    partials=partials_enabled(s))
         await self.publisher.start()
         if s.persist:
             await self._start_persister()
@@ -175,7 +182,15 @@ class Gateway:
             self.dashboard = Dashboard(s)
             await self.dashboard.start()
             web = self.dashboard.asgi
-        self.http = HttpServer(build_app(self.metrics, self._health, web=web), s.http_host, s.http_port)
+        api = None
+        if s.api_enabled:
+            from .ingest.auth import ApiAuth, SessionLimits
+            from .ingest.routes import ApiContext, api_routes
+
+            self.api = ApiContext(s, self.sessions, ApiAuth(s, self.dashboard), SessionLimits(s.api_sessions_per_token),
+                                  model_name=s.asr_model)
+            api = api_routes(self.api)
+        self.http = HttpServer(build_app(self.metrics, self._health, web=web, api=api), s.http_host, s.http_port)
         await self.http.start()
         self._spawn(self._poll_loop())
         await self._start_presence()
@@ -227,6 +242,7 @@ class Gateway:
             "sip_port": self.sip_port,
             "http_port": self.http.port if self.http else self.settings.http_port,
             "active_calls": len(self.calls),
+            "active_sessions": self._api_sessions(),
             "asr_backend": self.settings.asr_backend,
             "asr_backlog": int(getattr(self.transcriber, "queued", 0)),
             "draining": self.draining,
@@ -241,14 +257,26 @@ class Gateway:
         """Stop taking calls (503), let active ones finish, then end the rest cleanly."""
         timeout = self.settings.drain_timeout_s if timeout is None else timeout
         self.draining = True
-        log.info("draining: %d active calls, up to %.0f s", len(self.calls), timeout)
+        if self.sessions is not None:
+            self.sessions.draining = True
+        log.info("draining: %d active calls, %d API sessions, up to %.0f s", len(self.calls),
+                 self._api_sessions(), timeout)
         deadline = time.monotonic() + timeout
-        while (self.calls or self._setting_up) and time.monotonic() < deadline:
+        while (self.calls or self._setting_up or self._api_sessions()) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for call in list(self.calls.values()):
             self.end_call(call, "shutdown", hangup=True)
+        if self.sessions is not None:
+            await self.sessions.close("shutdown")
         if self._ending:
             await asyncio.gather(*self._ending.values(), return_exceptions=True)
+
+    def _api_sessions(self) -> int:
+        return len(self.sessions.sessions) if self.sessions is not None else 0
+
+    def _free_slots(self) -> int:
+        """Call slots left: SIP calls (answered or being set up) and API sessions share max_calls."""
+        return self.settings.max_calls - len(self.calls) - len(self._setting_up) - self._api_sessions()
 
     async def close(self) -> None:
         if not self.draining:
@@ -316,7 +344,7 @@ class Gateway:
         if self.draining:
             self._reject(dialog_id, 503, "Service Unavailable - Shutting Down", retry_after, "draining")
             return
-        if len(self.calls) + len(self._setting_up) - 1 >= s.max_calls:
+        if len(self.calls) + len(self._setting_up) - 1 + self._api_sessions() >= s.max_calls:
             self._reject(dialog_id, 503, "Service Unavailable - Call Limit Reached", retry_after, "overload")
             return
         request = event.request
@@ -396,7 +424,8 @@ class Gateway:
         call_id = str(uuid.uuid4())
         sip_call_id = event.request.headers.get("Call-ID") or ""
         info = CallInfo(call_id=call_id, sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri,
-                        started_at=time.time(), tags=route.tags)
+                        started_at=time.time(), tags=route.tags,
+                        source=Source("sip", (("call_id", sip_call_id), ("transport", event.peer.transport))))
         events = EventFactory(info)
         receiver = RtpReceiver(
             expected_host=media.remote_host,
@@ -589,6 +618,7 @@ class Gateway:
                 totals[name] = totals.get(name, 0) + getattr(stats, name)
         return {
             "active_calls": len(self.calls),
+            "active_sessions": self._api_sessions(),
             "publish_backlog": self.publisher.backlog,
             "draining": 1.0 if self.draining else 0.0,
             "rtp_packets": totals.get("packets", 0),
@@ -640,6 +670,7 @@ class Gateway:
             "status": status,
             "instance": self.instance_id,
             "active_calls": len(self.calls),
+            "active_sessions": self._api_sessions(),
             "redis": "ok" if redis_ok else "unreachable",
             "publish_backlog": self.publisher.backlog,
             "asr_backend": backend,

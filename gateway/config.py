@@ -126,6 +126,12 @@ class Settings:
     web_cookie_secure: bool = False  # true when the dashboard is served over HTTPS (behind a TLS proxy)
     web_live_window_s: float = 14_400.0  # on start, rebuild the live board from this much of the event stream
     web_sse_queue: int = 256  # events buffered per SSE connection; a client further behind is disconnected
+    # streaming and REST APIs (/v1/realtime, /v1/audio/*, /twilio/media, /v1/whip), served by the HTTP server
+    api_enabled: bool = True
+    api_auth: bool = True  # every API call needs an API token (Authorization: Bearer); false only for trusted networks
+    api_sessions_per_token: int = 50  # open streaming sessions per token; max_calls bounds all of them
+    api_max_upload_mb: int = 200  # largest file POST /v1/audio/transcriptions takes
+    twilio_auth_token: str = ""  # Twilio account's auth token: accept streams signed by Twilio (X-Twilio-Signature)
     # process
     event_loop: str = "auto"  # auto: uvloop if installed, else asyncio; or "asyncio" / "uvloop"
     # routing and logging
@@ -275,6 +281,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "web_session_ttl_s": (60, 2_592_000),
     "web_live_window_s": (60, 604_800),
     "web_sse_queue": (8, 100_000),
+    "api_sessions_per_token": (1, 100_000),
+    "api_max_upload_mb": (1, 10_000),
 }
 
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-SCHEMA = "earshot.event.v1"
+SCHEMA = "earshot.event.v2"
+#: schemas a consumer reads: v1 events (SIP only, before ``source``) may still sit in a stream
+READABLE_SCHEMAS = ("earshot.event.v1", SCHEMA)
 
 CALL_STARTED = "call.started"
 TURN_PARTIAL = "turn.partial"
@@ -24,16 +26,48 @@ CALL_ENDED = "call.ended"
 EVENT_TYPES = (CALL_STARTED, TURN_PARTIAL, TURN_FINAL, DTMF, CALL_ENDED)
 
 
+SOURCE_KINDS = ("sip", "siprec", "realtime", "rest", "twilio", "webrtc")
+SIP_KINDS = ("sip", "siprec")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a session's audio comes from, and that source's own ids (docs/events.md, ``source``).
+
+    ``ids`` are the identifiers a consumer can match against the source's own records:
+    SIP's Call-ID, Twilio's callSid and streamSid, a Realtime or WHIP session id, the
+    name of an uploaded file.
+    """
+
+    kind: str
+    ids: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"unknown source kind {self.kind!r}")
+
+    def to_wire(self) -> dict[str, str]:
+        return {"kind": self.kind, **dict(self.ids)}
+
+    def get(self, name: str, default: str = "") -> str:
+        return dict(self.ids).get(name, default)
+
+
 @dataclass
 class CallInfo:
-    """What every event of a call repeats, so a consumer never needs a join."""
+    """What every event of a session repeats, so a consumer never needs a join.
+
+    ``sip_call_id``, ``from_uri`` and ``to_uri`` are a SIP session's; other sources
+    leave them empty and carry their ids in ``source``.
+    """
 
     call_id: str
-    sip_call_id: str
-    from_uri: str
-    to_uri: str
-    started_at: float  # wall clock, seconds since the epoch
+    sip_call_id: str = ""
+    from_uri: str = ""
+    to_uri: str = ""
+    started_at: float = 0.0  # wall clock, seconds since the epoch
     tags: tuple[str, ...] = ()
+    source: Source = Source("sip")
 
 
 @dataclass
@@ -58,12 +92,14 @@ class Event:
             "type": self.type,
             "event_id": self.event_id,
             "call_id": self.call.call_id,
-            "sip_call_id": self.call.sip_call_id,
-            "from": self.call.from_uri,
-            "to": self.call.to_uri,
-            "tags": list(self.call.tags),
-            "time": _iso(self.created_at),
+            "source": self.call.source.to_wire(),
         }
+        if self.call.source.kind in SIP_KINDS:
+            body["sip_call_id"] = self.call.sip_call_id
+            body["from"] = self.call.from_uri
+            body["to"] = self.call.to_uri
+        body["tags"] = list(self.call.tags)
+        body["time"] = _iso(self.created_at)
         if self.leg is not None:
             body["leg"] = self.leg
         body.update(self.data)

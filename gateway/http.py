@@ -17,7 +17,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from .metrics import Metrics
@@ -28,8 +28,9 @@ CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def build_app(metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]],
-              web: ASGIApp | None = None) -> Starlette:
-    """/healthz and /metrics, and ``web`` (``Dashboard.asgi``) for every other path."""
+              web: ASGIApp | None = None, api: list[BaseRoute] | None = None) -> Starlette:
+    """/healthz and /metrics, the ``api`` routes (/v1/..., /twilio/...), and ``web``
+    (``Dashboard.asgi``) for every other path."""
     async def healthz(request: Request) -> JSONResponse:
         state = await health()
         return JSONResponse(state, status_code=200 if state.get("status") == "ok" else 503)
@@ -37,7 +38,8 @@ def build_app(metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]],
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    routes: list[Route | Mount] = [Route("/healthz", healthz), Route("/metrics", metrics_endpoint)]
+    routes: list[BaseRoute] = [Route("/healthz", healthz), Route("/metrics", metrics_endpoint)]
+    routes.extend(api or [])
     if web is not None:
         routes.append(Mount("/", app=web))
     return Starlette(routes=routes)

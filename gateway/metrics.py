@@ -23,6 +23,8 @@ class _SnapshotCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         s = self._snapshot()
         yield GaugeMetricFamily("earshot_active_calls", "Calls currently up", value=s.get("active_calls", 0))
+        yield GaugeMetricFamily("earshot_active_sessions", "API sessions currently open (Realtime, REST, Twilio, WebRTC)",
+                                value=s.get("active_sessions", 0))
         yield GaugeMetricFamily("earshot_publish_backlog", "Events waiting to reach Redis",
                                 value=s.get("publish_backlog", 0))
         yield GaugeMetricFamily("earshot_draining", "1 while shutting down", value=s.get("draining", 0))

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from .events import CALL_ENDED, CALL_STARTED, DTMF, EVENT_TYPES, SCHEMA, TURN_FINAL, TURN_PARTIAL
+from .events import CALL_ENDED, CALL_STARTED, DTMF, EVENT_TYPES, READABLE_SCHEMAS, TURN_FINAL, TURN_PARTIAL
 
 if TYPE_CHECKING:  # SQLAlchemy and redis.asyncio load with the persister, not with the package
     import redis.asyncio as aioredis
@@ -146,7 +146,7 @@ def validate_event(body: Any) -> datetime:
     """Check an event against schema v1 (as much as storing it needs); its time."""
     if not isinstance(body, dict):
         raise PoisonEvent("event is not a JSON object")
-    if body.get("schema") != SCHEMA:
+    if body.get("schema") not in READABLE_SCHEMAS:
         raise PoisonEvent(f"unknown schema {body.get('schema')!r:.60}")
     kind = body.get("type")
     if kind not in EVENT_TYPES:

@@ -41,6 +41,7 @@ from .asr.interface import (
 )
 from .events import TURN_FINAL, TURN_PARTIAL, Event, EventFactory
 from .media.resample import upsample_8k_to_16k
+from .media.wideband import Decimator, SampleHistory
 from .media.turn import (
     PartialDue,
     TurnConfig,
@@ -92,6 +93,44 @@ class _Context:
     pcm: np.ndarray
 
 
+# What a leg tells an observer (a streaming API connection) about its turns, beside the
+# events it publishes. ``turn`` is the leg's own turn index (from 0, every turn the VAD
+# opened, published or not); offsets are ms in the session, like the events' start_ms.
+@dataclass(frozen=True)
+class SpeechStarted:
+    leg: str
+    turn: int
+    audio_start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    leg: str
+    turn: int
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class TurnPublished:
+    """The turn's ``turn.partial`` or ``turn.final`` event, as handed to the publisher."""
+
+    leg: str
+    turn: int
+    event: Event
+
+
+@dataclass(frozen=True)
+class TurnDropped:
+    """The turn ends without a final: too short a burst, no words in it, or cleared."""
+
+    leg: str
+    turn: int
+    reason: str  # "too-short", "no-speech", "cleared"
+
+
+LegObservation = SpeechStarted | SpeechStopped | TurnPublished | TurnDropped
+
+
 @dataclass
 class _Speculation:
     start_sample: int
@@ -123,7 +162,13 @@ class LegPipeline:
         final_timeout_s: float | None = None,
         partial_timeout_s: float | None = None,
         wall_clock: Callable[[], float] = time.time,
+        wideband: bool = False,
+        manual_turns: bool = False,
+        observer: Callable[[LegObservation], None] | None = None,
     ) -> None:
+        """``wideband``: the leg is fed 16 kHz audio (:meth:`feed_wideband`), which Whisper hears
+        as it is, while the VAD hears an 8 kHz copy. ``manual_turns``: the VAD does not end turns;
+        :meth:`commit` does (OpenAI Realtime with ``turn_detection: null``)."""
         self.key = key
         self.leg = leg
         self.session = session
@@ -163,16 +208,85 @@ class LegPipeline:
         self._finalised_through = -1  # highest detector turn whose final is decided
         self.turns_published = 0
         self.closed = False
+        self.wideband = wideband
+        self._decimator = Decimator() if wideband else None
+        keep = int((turn_config.max_turn_s + 10 + context_audio_s) * 2 * SAMPLE_RATE)
+        self._history = SampleHistory(keep) if wideband else None
+        self.manual_turns = manual_turns
+        self._observer = observer
+        self._manual_start = 0  # first 8 kHz sample of the uncommitted buffer (manual turns)
+        self._manual_turn = 0
+        self._fed = 0  # 8 kHz samples fed (chunked or pending)
+        # manual turns on a telephone-rate leg: the 8 kHz audio since the last commit
+        self._manual_audio = SampleHistory(int(turn_config.max_turn_s * SAMPLE_RATE) + CHUNK) \
+            if manual_turns and not wideband else None
 
     # -- input from the RTP receiver
     def feed_audio(self, pcm: bytes, now: float) -> None:
         """Append decoded 16-bit 8 kHz PCM; whole 32 ms chunks become ready for VAD."""
         pending = self._pending
         pending += pcm
+        self._fed += len(pcm) // 2
+        if self._manual_audio is not None:
+            self._manual_audio.append(np.frombuffer(pcm, dtype="<i2"))
+        if self.manual_turns and self._fed - self._manual_start >= self._detector._max_turn:
+            self.commit(now)  # a client that never commits still gets turns of at most max_turn_s
         while len(pending) >= CHUNK_BYTES:
             chunk = np.frombuffer(bytes(pending[:CHUNK_BYTES]), dtype=np.int16)
             del pending[:CHUNK_BYTES]
             self._ready.append((chunk, now))
+
+    def feed_wideband(self, pcm: np.ndarray, now: float) -> None:
+        """Append 16 kHz int16 audio (a wideband leg): kept for ASR, decimated for the VAD."""
+        assert self._decimator is not None and self._history is not None, "not a wideband leg"
+        self._history.append(pcm)
+        self.feed_audio(self._decimator.feed(pcm).tobytes(), now)
+
+    # -- manual turns (no turn detection: the client commits)
+    def commit(self, now: float) -> int | None:
+        """End the uncommitted audio as a turn (reason ``commit``); its index, or None when empty."""
+        if not self.manual_turns:
+            raise RuntimeError("commit() needs manual_turns")
+        end = self._fed
+        if end <= self._manual_start:
+            return None
+        turn = self._manual_turn
+        self._manual_turn += 1
+        start, self._manual_start = self._manual_start, end
+        audio = self._narrow(start, end)
+        self._arrivals.append(now)
+        self._finalise(TurnFinal(turn=turn, audio=audio, start_sample=start, end_sample=end, reason="commit"),
+                       speech_end=now)
+        return turn
+
+    def clear(self) -> None:
+        """Drop the audio not yet part of a decided turn (Realtime ``input_audio_buffer.clear``)."""
+        if self.manual_turns:
+            self._manual_start = self._fed
+            return
+        for event in self._detector.flush():
+            if isinstance(event, (TurnFinal, TurnDiscarded)):
+                self._cancel_speculation(event.turn)
+                self._finalised_through = max(self._finalised_through, event.turn)
+                self._observe(TurnDropped(self.leg, event.turn, "cleared"))
+
+    @property
+    def uncommitted_ms(self) -> int:
+        """Manual turns: length of the audio that :meth:`commit` would transcribe."""
+        return (self._fed - self._manual_start) * 1000 // SAMPLE_RATE
+
+    def _narrow(self, start: int, end: int) -> np.ndarray:
+        """8 kHz audio [start, end) of a manual turn (for context bookkeeping and the pool's source)."""
+        if self._history is not None:
+            return np.zeros(end - start, np.int16)  # wideband: the 16 kHz history is what is heard
+        return self._manual_audio.slice(start, end)
+
+    def _observe(self, observation: LegObservation) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(observation)
+            except Exception:
+                log.exception("leg observer failed for %s", self.key)
 
     # -- VadStream protocol
     def next_chunk(self) -> np.ndarray | None:
@@ -195,7 +309,11 @@ class LegPipeline:
 
     # -- turn events
     def _handle(self, event: object) -> None:
+        if self.manual_turns:
+            return  # the client ends turns (commit); the VAD only runs for its cost's sake
         if isinstance(event, TurnStarted):
+            origin = self._origin_ms()
+            self._observe(SpeechStarted(self.leg, event.turn, round(origin + event.start_sample * 1000 / SAMPLE_RATE)))
             return
         if isinstance(event, PartialDue):
             if self._partials:
@@ -207,10 +325,13 @@ class LegPipeline:
         elif isinstance(event, TurnResumed):
             self._cancel_speculation(event.turn)
         elif isinstance(event, TurnFinal):
+            origin = self._origin_ms()
+            self._observe(SpeechStopped(self.leg, event.turn, round(origin + event.end_sample * 1000 / SAMPLE_RATE)))
             self._finalise(event)
         elif isinstance(event, TurnDiscarded):
             self._cancel_speculation(event.turn)
             self._finalised_through = max(self._finalised_through, event.turn)
+            self._observe(TurnDropped(self.leg, event.turn, "too-short"))
 
     def _cancel_speculation(self, turn: int) -> None:
         spec = self._speculations.pop(turn, None)
@@ -236,7 +357,7 @@ class LegPipeline:
             return self._arrivals[index - base] - after
         return self._arrivals[-1] if self._arrivals else self._clock()
 
-    def _finalise(self, event: TurnFinal) -> None:
+    def _finalise(self, event: TurnFinal, speech_end: float | None = None) -> None:
         spec = self._speculations.pop(event.turn, None)
         speculative = (
             spec is not None
@@ -253,7 +374,8 @@ class LegPipeline:
             task = asyncio.create_task(self._transcribe(event, "final", after=self._final_chain))
         self._finalised_through = max(self._finalised_through, event.turn)
         seq = self._seq(event.turn)
-        speech_end = self._speech_end_time(event.end_sample)
+        if speech_end is None:
+            speech_end = self._speech_end_time(event.end_sample)
         previous = self._final_chain
         self._final_chain = asyncio.create_task(
             self._publish_final(event, seq, task, previous, speech_end, speculative))
@@ -289,6 +411,7 @@ class LegPipeline:
             self._on_final(event.reason, result, error)
         text = result.text.strip() if result is not None else ""
         if not text and not error and not self._partials_published.get(event.turn):
+            self._observe(TurnDropped(self.leg, event.turn, "no-speech"))
             return  # no words in this turn and nothing said about it yet: publish nothing
         origin = self._origin_ms()
         data = {
@@ -304,8 +427,10 @@ class LegPipeline:
             data["asr"]["speculative"] = speculative
         else:
             data["error"] = error
-        self._publish(self._events.make(TURN_FINAL, data, leg=self.leg, speech_end_monotonic=speech_end))
+        final = self._events.make(TURN_FINAL, data, leg=self.leg, speech_end_monotonic=speech_end)
+        self._publish(final)
         self.turns_published += 1
+        self._observe(TurnPublished(self.leg, event.turn, final))
 
     def _start_partial(self, event: PartialDue) -> None:
         if self._final_chain is not None and not self._final_chain.done():
@@ -340,7 +465,9 @@ class LegPipeline:
             "partial": count,
         }
         data.update(_result_fields(result))
-        self._publish(self._events.make(TURN_PARTIAL, data, leg=self.leg))
+        partial = self._events.make(TURN_PARTIAL, data, leg=self.leg)
+        self._publish(partial)
+        self._observe(TurnPublished(self.leg, event.turn, partial))
 
     async def _transcribe(
         self, event: PartialDue | TurnEnding | TurnFinal, kind: str, after: asyncio.Task[None] | None = None
@@ -353,7 +480,13 @@ class LegPipeline:
         """
         timeout = self._final_timeout_s if kind == "final" else self._partial_timeout_s
         deadline = self._wall() + timeout if timeout else None  # from now: the end of the turn (or the partial)
-        if kind == "final":
+        if self._history is not None:
+            # a wideband leg: the 16 kHz audio as it came, turn bounds doubled
+            samples = self._history.slice(2 * event.start_sample, 2 * event.end_sample).astype(np.float32)
+            samples *= np.float32(1.0 / 32768.0)
+            if kind == "final":
+                self._turn_audio[event.turn] = _Context("", samples, _NO_PCM)
+        elif kind == "final":
             # the whole turn at once: exactly what a pool worker rebuilds from the 8 kHz source
             samples = upsample_8k_to_16k(event.audio, method=self._resampler)
             self._resampled = _Resampled(event.turn, event.start_sample, event.audio.size, samples)
@@ -389,8 +522,9 @@ class LegPipeline:
             silence = np.zeros(gap, np.float32)
             fields["context_audio"] = np.concatenate([part for entry in heard for part in (entry.audio, silence)])
             fields["context_text"] = " ".join(entry.text for entry in heard)
-        fields["source"] = SourceAudio(SAMPLE_RATE, self._resampler, pcm,
-                                       tuple(entry.pcm for entry in heard), gap if heard else 0)
+        if self._history is None:
+            fields["source"] = SourceAudio(SAMPLE_RATE, self._resampler, pcm,
+                                           tuple(entry.pcm for entry in heard), gap if heard else 0)
         return fields
 
     def _remember(self, turn: int, result: TranscriptionResult | None) -> None:
@@ -432,13 +566,17 @@ class LegPipeline:
         """No more audio will come: pad the trailing partial chunk with silence so
         the last words reach VAD (the caller then drains the VAD runner)."""
         if self._pending:
-            self.feed_audio(b"\x00" * (CHUNK_BYTES - len(self._pending)), now)
+            padding = CHUNK_BYTES - len(self._pending)
+            self.feed_audio(b"\x00" * padding, now)
+            self._fed -= padding // 2  # the padding is not audio a manual commit should transcribe
 
     async def close(self) -> None:
         """Finalise open speech and wait until every final of this leg is published."""
         if self.closed:
             return
         self.closed = True
+        if self.manual_turns:
+            self.commit(self._clock())  # a client that leaves mid-turn still gets its words published
         for event in self._detector.flush():
             self._handle(event)
         for turn in list(self._speculations):

@@ -114,7 +114,7 @@ class TurnFinal:
     audio: np.ndarray = field(repr=False)
     start_sample: int
     end_sample: int
-    reason: Literal["silence", "max_length", "flush"]
+    reason: Literal["silence", "max_length", "flush", "commit"]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ async def test_events_reach_global_and_call_streams_with_stable_ids(server):
     call_events = entries(server.url, "t:call:c1")
     assert [e["event_id"] for e in global_events] == ["c1:000001", "c1:000002"]
     assert global_events == call_events
-    assert global_events[1]["schema"] == "earshot.event.v1"
+    assert global_events[1]["schema"] == "earshot.event.v2"
     assert global_events[1]["text"] == "hello" and global_events[1]["leg"] == "caller"
     assert global_events[1]["latency_ms"] > 0
     assert "latency_ms" not in global_events[0]

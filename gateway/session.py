@@ -1,0 +1,215 @@
+"""A transcription session from any source: N legs, one event sequence, one life cycle.
+
+A SIP call, a Realtime WebSocket, a REST upload, a Twilio Media Stream and a
+WebRTC peer all become a :class:`Session`: a ``source`` (its kind and the
+source's own ids), legs (each one audio stream with its own VAD, turns and ASR
+context: a :class:`~gateway.pipeline.LegPipeline`), and the session's events
+(``call.started`` ... ``call.ended``) numbered by one
+:class:`~gateway.events.EventFactory`. The transport edge only moves audio in
+(:meth:`Session.feed`, :meth:`Session.feed_wideband`) and, for the streaming
+APIs, events and leg observations out (``listeners`` / ``observer``).
+
+:class:`SessionHost` holds what sessions share: the VAD runner, the
+transcriber, the publisher and the settings; the gateway owns one and ends
+every open session when it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .events import CALL_ENDED, CALL_STARTED, DTMF, CallInfo, Event, EventFactory, Source
+from .media.turn import TurnConfig
+from .pipeline import LegObservation, LegPipeline
+
+if TYPE_CHECKING:
+    from .asr.interface import Transcriber, TranscriptionResult
+    from .config import Settings
+    from .media.vad import BatchedVadRunner
+
+log = logging.getLogger(__name__)
+
+
+class SessionLimit(Exception):
+    """The gateway is at ``max_calls`` (SIP calls and sessions together) or draining."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class LegSpec:
+    """How to open one leg: its name, whether it is fed 16 kHz audio, and who ends its turns."""
+
+    name: str
+    wideband: bool = False
+    manual_turns: bool = False
+
+
+@dataclass
+class Session:
+    id: str
+    info: CallInfo
+    events: EventFactory
+    legs: dict[str, LegPipeline]
+    host: "SessionHost"
+    opened_at: float  # monotonic
+    listeners: list[Callable[[Event], None]] = field(default_factory=list)
+    dtmf_count: int = 0
+    ended: bool = False
+    end_reason: str | None = None
+    _ending: asyncio.Task[None] | None = None
+
+    @property
+    def source(self) -> Source:
+        return self.info.source
+
+    def offset_ms(self, now: float) -> int:
+        return round((now - self.opened_at) * 1000)
+
+    # -- audio in
+    def feed(self, leg: str, pcm: bytes, now: float) -> None:
+        """16-bit 8 kHz PCM (decoded G.711) for a telephone-rate leg."""
+        if not self.ended:
+            self.legs[leg].feed_audio(pcm, now)
+
+    def feed_wideband(self, leg: str, pcm: np.ndarray, now: float) -> None:
+        """16 kHz int16 samples for a wideband leg."""
+        if not self.ended:
+            self.legs[leg].feed_wideband(pcm, now)
+
+    def commit(self, leg: str, now: float) -> int | None:
+        return None if self.ended else self.legs[leg].commit(now)
+
+    def clear(self, leg: str) -> None:
+        if not self.ended:
+            self.legs[leg].clear()
+
+    def dtmf(self, leg: str, digit: str, duration_ms: int, now: float) -> None:
+        if self.ended:
+            return
+        self.dtmf_count += 1
+        self.publish(self.events.make(DTMF, {"digit": digit, "duration_ms": int(duration_ms),
+                                             "offset_ms": self.offset_ms(now)}, leg=leg))
+
+    # -- events out
+    def publish(self, event: Event) -> None:
+        self.host.publish(event)
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("session %s: event listener failed", self.id)
+
+    # -- end
+    def end(self, reason: str, extra: dict[str, Any] | None = None) -> asyncio.Task[None]:
+        """Finalise open speech on every leg, publish the finals, then ``call.ended`` (once)."""
+        if self._ending is None:
+            self.ended = True
+            self.end_reason = reason
+            self._ending = asyncio.ensure_future(self.host._finish(self, reason, extra or {}))
+        return self._ending
+
+
+class SessionHost:
+    """Opens and ends sessions on the gateway's shared media and ASR machinery."""
+
+    def __init__(self, settings: "Settings", *, vad_runner: "BatchedVadRunner", transcriber: "Transcriber",
+                 publish: Callable[[Event], None], capacity: Callable[[], int],
+                 on_final: Callable[[str, "TranscriptionResult | None", str], None] | None = None,
+                 turn_config: TurnConfig | None = None, partials: bool = True) -> None:
+        self.settings = settings
+        self.vad_runner = vad_runner
+        self.transcriber = transcriber
+        self.publish = publish
+        self._capacity = capacity  # free call slots (SIP calls and sessions share max_calls)
+        self._on_final = on_final
+        self.turn_config = turn_config or TurnConfig()
+        self.partials = partials
+        self.sessions: dict[str, Session] = {}
+        self.draining = False
+
+    def open(self, source: Source, legs: list[LegSpec], *, language: str | None = None,
+             tags: tuple[str, ...] = (), started: dict[str, Any] | None = None,
+             turn_config: TurnConfig | None = None, partials: bool | None = None,
+             observer: Callable[[LegObservation], None] | None = None,
+             listeners: list[Callable[[Event], None]] | None = None) -> Session:
+        """A new session with its legs registered for VAD, and its ``call.started`` published."""
+        if self.draining:
+            raise SessionLimit("draining")
+        if self._capacity() <= 0:
+            raise SessionLimit("capacity")
+        s = self.settings
+        session_id = str(uuid.uuid4())
+        info = CallInfo(call_id=session_id, started_at=time.time(), tags=tuple(tags), source=source)
+        events = EventFactory(info)
+        config = turn_config or self.turn_config
+        with_partials = self.partials if partials is None else partials
+        session = Session(id=session_id, info=info, events=events, legs={}, host=self,
+                          opened_at=time.monotonic(), listeners=list(listeners or []))
+        for spec in legs:
+            session.legs[spec.name] = LegPipeline(
+                key=f"{session_id}/{spec.name}",
+                leg=spec.name,
+                events=events,
+                publish=session.publish,
+                transcriber=self.transcriber,
+                turn_config=config,
+                language=language,
+                resampler=s.resampler,
+                partials=with_partials,
+                context=s.asr_context_tokens > 0 or s.asr_context_audio_s > 0,
+                context_audio_s=s.asr_context_audio_s,
+                on_final=self._on_final,
+                session=session_id,
+                final_timeout_s=s.asr_final_timeout_s,
+                partial_timeout_s=s.asr_partial_timeout_s,
+                wideband=spec.wideband,
+                manual_turns=spec.manual_turns,
+                observer=observer,
+            )
+        for pipeline in session.legs.values():
+            self.vad_runner.register(pipeline)
+        self.sessions[session_id] = session
+        session.publish(events.make(CALL_STARTED, {
+            "language": language,
+            "legs": [spec.name for spec in legs],
+            **(started or {}),
+        }))
+        return session
+
+    async def _finish(self, session: Session, reason: str, extra: dict[str, Any]) -> None:
+        try:
+            now = time.monotonic()
+            for pipeline in session.legs.values():
+                pipeline.finish_input(now)
+            await self.vad_runner.drain()
+            for pipeline in session.legs.values():
+                self.vad_runner.unregister(pipeline)
+            await asyncio.gather(*(pipeline.close() for pipeline in session.legs.values()))
+            session.publish(session.events.make(CALL_ENDED, {
+                "reason": reason,
+                "duration_ms": round((time.monotonic() - session.opened_at) * 1000),
+                "turns": sum(p.turns_published for p in session.legs.values()),
+                "dtmf": session.dtmf_count,
+                **extra,
+            }))
+        except Exception:
+            log.exception("error while ending session %s", session.id)
+        finally:
+            self.sessions.pop(session.id, None)
+
+    async def close(self, reason: str = "shutdown") -> None:
+        """End every open session (gateway drain)."""
+        self.draining = True
+        tasks = [session.end(reason) for session in list(self.sessions.values())]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
