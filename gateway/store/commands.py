@@ -132,10 +132,14 @@ def _read_password(args: argparse.Namespace, stdin: TextIO) -> str | None:
 def _users(args: argparse.Namespace, settings: Settings, stdin: TextIO, out: TextIO) -> int:
     from . import users
     from .db import make_engine, make_sessionmaker
-    from .migrate import check_schema
+    from .migrate import check_schema, current_revision, upgrade
 
     engine = make_engine(settings.database_url)
     try:
+        if args.users_command == "add" and current_revision(engine) is None:
+            # a fresh store: create its schema, as `earshot run` would (an outdated one still needs
+            # an explicit `earshot db upgrade`)
+            upgrade(settings.database_url)
         check_schema(engine)
         with make_sessionmaker(engine)() as session:
             if args.users_command == "add":

@@ -8,15 +8,21 @@ would be taken for interpolation.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+# Alembic logs its plugin set-up and every step at INFO on each start; the gateway and the CLI
+# report the outcome themselves, so only its warnings get through (unless configured otherwise).
+if logging.getLogger("alembic").level == logging.NOTSET:
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
-from .db import make_engine, parse_url
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import Engine  # noqa: E402
+
+from .db import make_engine, parse_url  # noqa: E402
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 

@@ -157,6 +157,9 @@ def main() -> int:
     for call in calls:
         if call.player is not None:
             call.player = None
+    # Every Call must be gone before libDestroy: the loop variable holds the last one, and its
+    # destructor after libDestroy trips pjsua's assertion in pjsua_call_set_user_data.
+    call = None  # type: ignore[assignment]
     calls.clear()
     ep.libDestroy()
     return 0 if ok else 1

@@ -61,6 +61,16 @@ def test_users_need_the_schema_first(db_url):
     assert code == 1 and "earshot db upgrade" in err
 
 
+def test_the_first_users_add_creates_the_schema_of_a_fresh_store(db_url):
+    """README's order for a new user: `earshot users add` before anything else has touched the store."""
+    code, out, err = earshot("users", "add", "admin", "--role", "admin", "--password-stdin", "--database-url", db_url,
+                             stdin="a long passphrase\n")
+    assert code == 0, err
+    assert "admin (admin) created" in out
+    assert "(head)" in earshot("db", "current", "--database-url", db_url)[1]
+    assert earshot("users", "list", "--database-url", db_url)[0] == 0
+
+
 def test_users_add_list_and_token(db_url):
     assert earshot("db", "upgrade", "--database-url", db_url)[0] == 0
     code, out, _ = earshot("users", "add", "Carol", "--role", "admin", "--password-stdin", "--database-url", db_url,
