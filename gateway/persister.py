@@ -32,7 +32,6 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -41,7 +40,18 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from .events import CALL_ENDED, CALL_STARTED, DTMF, EVENT_TYPES, READABLE_SCHEMAS, TURN_FINAL, TURN_PARTIAL
+from .events import (
+    TURN_PARTIAL,
+    AsrInfo,
+    CallEnded,
+    CallStarted,
+    Confidence,
+    Dtmf,
+    Event,
+    EventError,
+    TurnFinal,
+    TurnPartial,
+)
 
 if TYPE_CHECKING:  # SQLAlchemy and redis.asyncio load with the persister, not with the package
     import redis.asyncio as aioredis
@@ -60,7 +70,7 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-# -- parsing and validation: anything that fails here is a poison entry
+# -- parsing and validation (gateway.events): anything that fails here is a poison entry
 
 
 class PoisonEvent(ValueError):
@@ -69,141 +79,31 @@ class PoisonEvent(ValueError):
 
 @dataclass
 class StreamEvent:
-    """A validated event and the stream entry it came from."""
+    """A validated event, the JSON it was decoded from, and the stream entry it came from."""
 
     stream_id: str
-    body: dict[str, Any]
-    time: datetime
+    event: Event
+    body: dict[str, Any]  # as read: what call_events.raw keeps
 
     @property
     def type(self) -> str:
-        return self.body["type"]
+        return self.event.type
 
     @property
     def event_id(self) -> str:
-        return self.body["event_id"]
+        return self.event.event_id
 
     @property
     def call_id(self) -> str:
-        return self.body["call_id"]
+        return self.event.call_id
+
+    @property
+    def time(self) -> datetime:
+        return self.event.time
 
 
 def _reject_constant(name: str) -> Any:
     raise PoisonEvent(f"non-finite number {name} in event JSON")
-
-
-def _text(body: dict[str, Any], key: str, max_len: int, *, required: bool = True,
-          empty: bool = False) -> str | None:
-    value = body.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (not value and not empty):
-        raise PoisonEvent(f"{key}: expected {'a' if empty else 'a non-empty'} string, got {value!r:.60}")
-    if len(value) > max_len:
-        raise PoisonEvent(f"{key}: longer than {max_len} characters")
-    return value
-
-
-def _int(body: dict[str, Any], key: str, *, required: bool = True, minimum: int = 0) -> int | None:
-    value = body.get(key)
-    if value is None and not required:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PoisonEvent(f"{key}: expected a number, got {value!r:.60}")
-    if value < minimum or value > 2**31 - 1:
-        raise PoisonEvent(f"{key}: {value} out of range")
-    return int(value)
-
-
-def _float(body: dict[str, Any], key: str) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PoisonEvent(f"{key}: expected a number, got {value!r:.60}")
-    return float(value)
-
-
-def _object(body: dict[str, Any], key: str) -> dict[str, Any]:
-    value = body.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise PoisonEvent(f"{key}: expected an object, got {value!r:.60}")
-    return value
-
-
-def _strings(body: dict[str, Any], key: str, max_len: int) -> list[str]:
-    value = body.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) and 0 < len(v) <= max_len for v in value):
-        raise PoisonEvent(f"{key}: expected a list of strings, got {value!r:.60}")
-    return value
-
-
-def validate_event(body: Any) -> datetime:
-    """Check an event against schema v1 (as much as storing it needs); its time."""
-    if not isinstance(body, dict):
-        raise PoisonEvent("event is not a JSON object")
-    if body.get("schema") not in READABLE_SCHEMAS:
-        raise PoisonEvent(f"unknown schema {body.get('schema')!r:.60}")
-    kind = body.get("type")
-    if kind not in EVENT_TYPES:
-        raise PoisonEvent(f"unknown event type {kind!r:.60}")
-    _text(body, "event_id", 96)
-    _text(body, "call_id", 64)
-    for key in ("sip_call_id", "from", "to"):
-        _text(body, key, 2048, required=False, empty=True)
-    _strings(body, "tags", 255)
-    raw_time = _text(body, "time", 64)
-    try:
-        when = datetime.fromisoformat(raw_time)  # type: ignore[arg-type]
-    except ValueError:
-        raise PoisonEvent(f"time: not an ISO 8601 time: {raw_time!r:.60}") from None
-    if when.tzinfo is None:
-        raise PoisonEvent(f"time: no time zone in {raw_time!r:.60}")
-    if kind in (TURN_PARTIAL, TURN_FINAL, DTMF):
-        _text(body, "leg", 64)
-    if kind in (TURN_PARTIAL, TURN_FINAL):
-        _int(body, "turn", minimum=1)
-        _int(body, "start_ms")
-        _int(body, "end_ms")
-        _text(body, "text", 100_000, required=kind == TURN_PARTIAL, empty=True)
-        _text(body, "language", 16, required=False, empty=True)
-        confidence, asr = _object(body, "confidence"), _object(body, "asr")
-        for key in ("avg_logprob", "no_speech_prob", "compression_ratio", "language_probability"):
-            _float(confidence, key)
-        _text(asr, "model", 256, required=False, empty=True)
-        _float(asr, "audio_ms")
-        _float(asr, "processing_ms")
-        if kind == TURN_PARTIAL:
-            _int(body, "partial", minimum=1)
-        else:
-            _int(body, "partials", required=False)
-            _text(body, "reason", 16, required=False, empty=True)
-            _text(body, "error", 32, required=False, empty=True)
-            _float(body, "latency_ms")
-            if asr.get("speculative") is not None and not isinstance(asr.get("speculative"), bool):
-                raise PoisonEvent("asr.speculative: expected true or false")
-    elif kind == DTMF:
-        _text(body, "digit", 8)
-        _int(body, "duration_ms", required=False)
-        _int(body, "offset_ms", required=False)
-    elif kind == CALL_STARTED:
-        for key, size in (("codec", 16), ("transport", 8), ("language", 16)):
-            _text(body, key, size, required=False, empty=True)
-        _text(body, "remote_media", 300, required=False, empty=True)
-        _text(body, "dialplan_rule", 256, required=False, empty=True)
-        _int(body, "local_media_port", required=False)
-        _strings(body, "legs", 64)
-    elif kind == CALL_ENDED:
-        _text(body, "reason", 32, required=False, empty=True)
-        _int(body, "duration_ms", required=False)
-        _int(body, "turns", required=False)
-        _int(body, "dtmf", required=False)
-        _object(body, "rtp")
-    return when.astimezone(timezone.utc)
 
 
 def _field(fields: dict[Any, Any], name: str) -> Any:
@@ -227,8 +127,11 @@ def parse_entry(stream_id: bytes | str, fields: dict[Any, Any] | None) -> Stream
         if isinstance(exc, PoisonEvent):
             raise
         raise PoisonEvent(f"'data' is not valid JSON: {exc}") from None
-    when = validate_event(body)
-    return StreamEvent(stream_id=sid, body=body, time=when)
+    try:
+        event = Event.from_wire(body)
+    except EventError as exc:
+        raise PoisonEvent(str(exc)) from None
+    return StreamEvent(stream_id=sid, event=event, body=body)
 
 
 # -- storing: a batch of validated events in one session
@@ -275,7 +178,8 @@ class _Batch:
             c.call_id: c for c in session.scalars(select(Call).where(Call.call_id.in_(call_ids)))}
         self.legs: set[tuple[str, str]] = {
             (row[0], row[1]) for row in session.execute(select(Leg.call_id, Leg.label).where(Leg.call_id.in_(call_ids)))}
-        keys = {(e.call_id, e.body["leg"], int(e.body["turn"])) for e in events if e.type in (TURN_PARTIAL, TURN_FINAL)}
+        keys = {(e.call_id, e.event.leg or "", e.event.payload.turn) for e in events
+                if isinstance(e.event.payload, (TurnPartial, TurnFinal))}
         self.turns: dict[tuple[str, str, int], Turn] = {}
         if keys:
             stmt = select(Turn).where(tuple_(Turn.call_id, Turn.leg, Turn.turn).in_(list(keys)))
@@ -284,45 +188,48 @@ class _Batch:
         self.seen: set[str] = set(session.scalars(select(CallEvent.event_id).where(CallEvent.event_id.in_(ids))))
         self.result = WriteResult()
 
-    def apply(self, event: StreamEvent, now: datetime) -> None:
+    def apply(self, item: StreamEvent, now: datetime) -> None:
         from .store.models import CallEvent
 
-        body = event.body
+        event, payload = item.event, item.event.payload
         if event.type != TURN_PARTIAL:
-            if event.event_id in self.seen:
+            if item.event_id in self.seen:
                 self.result.duplicates += 1
                 return
-            self.seen.add(event.event_id)
-        call = self._call(body, event.time, now)
+            self.seen.add(item.event_id)
+        call = self._call(event, now)
         if event.type != TURN_PARTIAL:
-            self.session.add(CallEvent(event_id=event.event_id, type=event.type, call_id=event.call_id,
-                                       stream_id=event.stream_id, event_time=event.time, received_at=now, raw=body))
-        if "leg" in body:
-            self._leg(call.call_id, body["leg"], now)
-        if event.type == CALL_STARTED:
-            self._started(call, body, event.time, now)
-        elif event.type == TURN_PARTIAL:
-            if not self._partial(call, body, event.time):
+            self.session.add(CallEvent(event_id=item.event_id, type=event.type, call_id=event.call_id,
+                                       stream_id=item.stream_id, event_time=event.time, received_at=now,
+                                       raw=item.body))
+        if event.leg is not None:
+            self._leg(call.call_id, event.leg, now)
+        if isinstance(payload, CallStarted):
+            self._started(call, payload, event.time, now)
+        elif isinstance(payload, TurnPartial):
+            if not self._partial(call, event.leg or "", payload, event.time):
                 self.result.duplicates += 1  # a replay, or older than what is stored
                 return
-        elif event.type == TURN_FINAL:
-            self._final(call, body, event.time)
-        elif event.type == DTMF:
-            self._dtmf(call, body, event)
-        elif event.type == CALL_ENDED:
-            self._ended(call, body, event.time)
+        elif isinstance(payload, TurnFinal):
+            self._final(call, event.leg or "", payload, event.time)
+        elif isinstance(payload, Dtmf):
+            self._dtmf(call, event.leg or "", payload, item)
+        elif isinstance(payload, CallEnded):
+            self._ended(call, payload, event.time)
         self.result.stored += 1
 
-    def _call(self, body: dict[str, Any], when: datetime, now: datetime) -> Call:
+    def _call(self, event: Event, now: datetime) -> Call:
         from .store.models import CALL_LIVE, Call
 
-        call = self.calls.get(body["call_id"])
+        when = event.time
+        call = self.calls.get(event.call_id)
         if call is None:
             # the first event seen of this call: every event repeats the call's identity
-            call = Call(call_id=body["call_id"], sip_call_id=body.get("sip_call_id") or "",
-                        from_uri=body.get("from") or "", to_uri=body.get("to") or "",
-                        from_user=uri_user(body.get("from") or ""), to_user=uri_user(body.get("to") or ""),
-                        tags=list(body.get("tags") or []), status=CALL_LIVE, started_at=when,
+            info = event.call
+            call = Call(call_id=info.call_id, sip_call_id=info.sip_call_id, from_uri=info.from_uri,
+                        to_uri=info.to_uri, from_user=uri_user(info.from_uri), to_user=uri_user(info.to_uri),
+                        source_kind=info.source.kind, source_ids=dict(info.source.ids),
+                        tags=list(info.tags), status=CALL_LIVE, started_at=when,
                         turn_count=0, dtmf_count=0, updated_at=now)
             self.session.add(call)
             self.calls[call.call_id] = call
@@ -339,88 +246,87 @@ class _Batch:
             self.legs.add((call_id, label))
             self.session.add(Leg(call_id=call_id, label=label, created_at=now))
 
-    def _started(self, call: Call, body: dict[str, Any], when: datetime, now: datetime) -> None:
+    def _started(self, call: Call, started: CallStarted, when: datetime, now: datetime) -> None:
         call.started_at = call.answered_at = when
-        call.codec = body.get("codec") or None
-        call.transport = body.get("transport") or None
-        call.remote_media = body.get("remote_media") or None
-        call.local_media_port = body.get("local_media_port")
-        call.dialplan_rule = body.get("dialplan_rule") or None
-        call.language = body.get("language") or None
-        for label in body.get("legs") or []:
+        call.codec = started.codec or None
+        call.transport = started.transport or None
+        call.remote_media = started.remote_media or None
+        call.local_media_port = started.local_media_port
+        call.dialplan_rule = started.dialplan_rule or None
+        call.language = started.language or None
+        for label in started.legs:
             self._leg(call.call_id, label, now)
 
-    def _turn(self, call: Call, body: dict[str, Any], when: datetime) -> Turn:
+    def _turn(self, call: Call, leg: str, payload: TurnPartial | TurnFinal, when: datetime) -> Turn:
         from .store.models import Turn
 
-        key = (call.call_id, body["leg"], int(body["turn"]))
+        key = (call.call_id, leg, payload.turn)
         turn = self.turns.get(key)
         if turn is None:
-            turn = Turn(call_id=key[0], leg=key[1], turn=key[2], start_ms=int(body["start_ms"]),
-                        end_ms=int(body["end_ms"]), final=False, partial_count=0, created_at=when)
+            turn = Turn(call_id=key[0], leg=key[1], turn=key[2], start_ms=payload.start_ms,
+                        end_ms=payload.end_ms, final=False, partial_count=0, created_at=when)
             self.session.add(turn)
             self.turns[key] = turn
         return turn
 
-    def _partial(self, call: Call, body: dict[str, Any], when: datetime) -> bool:
-        turn = self._turn(call, body, when)
-        number = int(body["partial"])
-        if turn.final or number <= turn.partial_count:
+    def _partial(self, call: Call, leg: str, partial: TurnPartial, when: datetime) -> bool:
+        turn = self._turn(call, leg, partial, when)
+        if turn.final or partial.partial <= turn.partial_count:
             return False  # this partial, a newer one or the final is already stored
-        turn.partial_count = number
-        turn.partial_text = body["text"]
-        turn.start_ms, turn.end_ms = int(body["start_ms"]), int(body["end_ms"])
-        turn.language = body.get("language") or turn.language
+        turn.partial_count = partial.partial
+        turn.partial_text = partial.text
+        turn.start_ms, turn.end_ms = partial.start_ms, partial.end_ms
+        turn.language = partial.language or turn.language
         return True
 
-    def _final(self, call: Call, body: dict[str, Any], when: datetime) -> None:
+    def _final(self, call: Call, leg: str, final: TurnFinal, when: datetime) -> None:
         from .store.models import CALL_ENDED as STATUS_ENDED
 
-        turn = self._turn(call, body, when)
+        turn = self._turn(call, leg, final, when)
         if not turn.final and call.status != STATUS_ENDED:
             call.turn_count += 1  # call.ended's count, when stored, is authoritative
-        confidence, asr = body.get("confidence") or {}, body.get("asr") or {}
+        confidence, asr = final.confidence or Confidence(), final.asr or AsrInfo()
         turn.final = True
-        turn.text = body.get("text") or ""
+        turn.text = final.text
         turn.partial_text = None
-        turn.partial_count = int(body.get("partials") or turn.partial_count)
-        turn.start_ms, turn.end_ms = int(body["start_ms"]), int(body["end_ms"])
-        turn.reason = body.get("reason")
-        turn.language = body.get("language") or None
-        turn.avg_logprob = confidence.get("avg_logprob")
-        turn.no_speech_prob = confidence.get("no_speech_prob")
-        turn.compression_ratio = confidence.get("compression_ratio")
-        turn.language_probability = confidence.get("language_probability")
-        turn.asr_model = asr.get("model")
-        turn.asr_audio_ms = asr.get("audio_ms")
-        turn.asr_processing_ms = asr.get("processing_ms")
-        turn.speculative = asr.get("speculative")
-        turn.latency_ms = body.get("latency_ms")
-        turn.error = body.get("error")
+        turn.partial_count = final.partials or turn.partial_count
+        turn.start_ms, turn.end_ms = final.start_ms, final.end_ms
+        turn.reason = final.reason
+        turn.language = final.language or None
+        turn.avg_logprob = confidence.avg_logprob
+        turn.no_speech_prob = confidence.no_speech_prob
+        turn.compression_ratio = confidence.compression_ratio
+        turn.language_probability = confidence.language_probability
+        turn.asr_model = asr.model
+        turn.asr_audio_ms = asr.audio_ms
+        turn.asr_processing_ms = asr.processing_ms
+        turn.speculative = asr.speculative
+        turn.latency_ms = final.latency_ms
+        turn.error = final.error
         turn.finalized_at = when
 
-    def _dtmf(self, call: Call, body: dict[str, Any], event: StreamEvent) -> None:
+    def _dtmf(self, call: Call, leg: str, dtmf: Dtmf, item: StreamEvent) -> None:
         from .store.models import CALL_ENDED as STATUS_ENDED
-        from .store.models import Dtmf
+        from .store.models import Dtmf as DtmfRow
 
-        self.session.add(Dtmf(call_id=call.call_id, leg=body["leg"], digit=body["digit"],
-                              duration_ms=int(body.get("duration_ms") or 0), offset_ms=int(body.get("offset_ms") or 0),
-                              event_id=event.event_id, created_at=event.time))
+        self.session.add(DtmfRow(call_id=call.call_id, leg=leg, digit=dtmf.digit,
+                                 duration_ms=dtmf.duration_ms or 0, offset_ms=dtmf.offset_ms or 0,
+                                 event_id=item.event_id, created_at=item.time))
         if call.status != STATUS_ENDED:
             call.dtmf_count += 1
 
-    def _ended(self, call: Call, body: dict[str, Any], when: datetime) -> None:
+    def _ended(self, call: Call, ended: CallEnded, when: datetime) -> None:
         from .store.models import CALL_ENDED as STATUS_ENDED
 
         call.status = STATUS_ENDED
         call.ended_at = when
-        call.end_reason = body.get("reason")
-        call.duration_ms = body.get("duration_ms")
-        if body.get("turns") is not None:
-            call.turn_count = int(body["turns"])
-        if body.get("dtmf") is not None:
-            call.dtmf_count = int(body["dtmf"])
-        call.rtp_stats = body.get("rtp")
+        call.end_reason = ended.reason
+        call.duration_ms = ended.duration_ms
+        if ended.turns is not None:
+            call.turn_count = ended.turns
+        if ended.dtmf is not None:
+            call.dtmf_count = ended.dtmf
+        call.rtp_stats = ended.rtp.to_wire() if ended.rtp is not None else None
 
 
 def store_events(session: Session, events: list[StreamEvent], now: datetime | None = None) -> WriteResult:

@@ -3,35 +3,69 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, TextIO
 
 import redis
 from redis.exceptions import RedisError
 
-from .events import CALL_ENDED, CALL_STARTED, DTMF, TURN_FINAL, TURN_PARTIAL, parse_fields
+from .events import (
+    CallEnded,
+    CallStarted,
+    Dtmf,
+    Event,
+    EventError,
+    TurnFinal,
+    TurnPartial,
+    parse_fields,
+)
+
+# C0 and C1 control characters, DEL, and the line/paragraph separators: a caller's
+# From header or a transcript must not move the cursor or recolour the terminal
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def format_event(event: dict[str, Any]) -> str | None:
-    """One human line per event, or None for events this view skips."""
-    kind = event.get("type")
-    call = str(event.get("call_id", "?"))[:8]
-    clock = str(event.get("time", ""))[11:23]
-    if kind == CALL_STARTED:
-        return f"{clock} {call} call started  {event.get('from')} -> {event.get('to')}"
-    if kind == CALL_ENDED:
-        return f"{clock} {call} call ended    ({event.get('reason')}, {event.get('duration_ms', 0) / 1000:.1f} s)"
-    if kind == DTMF:
-        return f"{clock} {call} dtmf {event.get('digit')}"
-    if kind in (TURN_FINAL, TURN_PARTIAL):
-        leg = event.get("leg", "")
-        seq = event.get("turn")
-        if kind == TURN_PARTIAL:
-            return f"{clock} {call} {leg}#{seq} ...  {event.get('text', '')}"
-        latency = event.get("latency_ms")
-        suffix = f"  [{latency:.0f} ms]" if isinstance(latency, (int, float)) else ""
-        return f"{clock} {call} {leg}#{seq} {event.get('text', '')}{suffix}"
-    return None
+def clean(value: object) -> str:
+    """``value`` as text safe to print on a terminal: control characters as ``\\xNN`` escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}" if ord(m.group(0)) < 0x100
+                        else f"\\u{ord(m.group(0)):04x}", str(value))
+
+
+def describe_source(event: Event) -> str:
+    """Who is on the session: SIP's From -> To, else the source's kind and ids."""
+    source = event.call.source
+    if source.is_sip:
+        return f"{event.call.from_uri} -> {event.call.to_uri}"
+    ids = " ".join(f"{name}={value}" for name, value in source.ids if value)
+    return f"{source.kind}{' ' + ids if ids else ''}"
+
+
+def format_event(event: Event | dict[str, Any]) -> str | None:
+    """One human line per event, or None for events this view skips (and for invalid ones)."""
+    if not isinstance(event, Event):
+        try:
+            event = Event.from_wire(event)
+        except EventError:
+            return None
+    payload = event.payload
+    call = event.call_id[:8]
+    clock = event.time.isoformat(timespec="milliseconds")[11:23]
+    if isinstance(payload, CallStarted):
+        line = f"{clock} {call} call started  {describe_source(event)}"
+    elif isinstance(payload, CallEnded):
+        line = f"{clock} {call} call ended    ({payload.reason}, {(payload.duration_ms or 0) / 1000:.1f} s)"
+    elif isinstance(payload, Dtmf):
+        line = f"{clock} {call} dtmf {payload.digit}"
+    elif isinstance(payload, TurnPartial):
+        line = f"{clock} {call} {event.leg}#{payload.turn} ...  {payload.text}"
+    elif isinstance(payload, TurnFinal):
+        text = payload.text or (f"[{payload.error}]" if payload.error else "")
+        suffix = f"  [{payload.latency_ms:.0f} ms]" if payload.latency_ms is not None else ""
+        line = f"{clock} {call} {event.leg}#{payload.turn} {text}{suffix}"
+    else:
+        return None
+    return clean(line)
 
 
 def tail(
@@ -68,12 +102,16 @@ def tail(
                 for entry_id, fields in entries:
                     last_id = entry_id
                     try:
-                        event = parse_fields(fields)
-                    except (ValueError, UnicodeDecodeError):
+                        body = parse_fields(fields)
+                        event = Event.from_wire(body)
+                    except (ValueError, UnicodeDecodeError) as exc:  # EventError is a ValueError
+                        print(f"earshot tail: skipping entry {clean(_text(entry_id))}: {clean(exc)}",
+                              file=sys.stderr)
                         continue
-                    if event.get("type") == TURN_PARTIAL and not partials:
+                    if isinstance(event.payload, TurnPartial) and not partials:
                         continue
-                    line = json.dumps(event) if as_json else format_event(event)
+                    # JSON as it was published (json.dumps escapes control characters)
+                    line = json.dumps(body) if as_json else format_event(event)
                     if line is None:
                         continue
                     print(line, file=out, flush=True)
@@ -85,3 +123,7 @@ def tail(
     finally:
         client.close()
     return 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)

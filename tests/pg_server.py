@@ -47,7 +47,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
-from gateway.events import CALL_ENDED, CALL_STARTED, DTMF, TURN_FINAL, TURN_PARTIAL, CallInfo, Event, EventFactory
+from gateway.events import (CALL_ENDED, CALL_STARTED, DTMF, TURN_FINAL, TURN_PARTIAL, CallInfo, Event, EventFactory,
+                            Source)
 
 DEFAULT_PG_URL = "postgresql://earshot_test:earshot_test@127.0.0.1:5432/earshot_test"
 PG_URL = os.environ.get("EARSHOT_TEST_PG_URL") or DEFAULT_PG_URL
@@ -259,10 +260,19 @@ def prompt_texts() -> list[str]:
 
 def recorded_call(texts: list[str], *, call_id: str | None = None, start: float = 1_700_000_000.0,
                   tags: tuple[str, ...] = ("support",), from_user: str = "alice", to_user: str = "support",
-                  digits: str = "", partials: int = 2, ended: bool = True) -> list[Event]:
-    """The events the gateway publishes for one call, in publication order."""
-    info = CallInfo(call_id or str(uuid.uuid4()), uuid.uuid4().hex[:14], f"sip:{from_user}@pbx.example",
-                    f"sip:{to_user}@earshot", start, tags)
+                  digits: str = "", partials: int = 2, ended: bool = True,
+                  source: Source | None = None) -> list[Event]:
+    """The events the gateway publishes for one call, in publication order.
+
+    ``source``: a session from another source than SIP (no SIP fields, no SIP call.started fields).
+    """
+    if source is None or source.is_sip:
+        sip_call_id = uuid.uuid4().hex[:14]
+        info = CallInfo(call_id or str(uuid.uuid4()), sip_call_id, f"sip:{from_user}@pbx.example",
+                        f"sip:{to_user}@earshot", start, tags,
+                        source or Source("sip", (("call_id", sip_call_id), ("transport", "udp"))))
+    else:
+        info = CallInfo(call_id or str(uuid.uuid4()), started_at=start, tags=tags, source=source)
     factory = EventFactory(info)
     clock = [start]
 
@@ -272,9 +282,12 @@ def recorded_call(texts: list[str], *, call_id: str | None = None, start: float 
         clock[0] += 0.25
         return event
 
-    events = [make(CALL_STARTED, {"codec": "PCMU", "remote_media": "192.0.2.10:4000", "local_media_port": 10002,
-                                  "transport": "udp", "dialplan_rule": tags[0] if tags else "default",
-                                  "language": None, "legs": ["caller"]})]
+    if info.source.is_sip:
+        events = [make(CALL_STARTED, {"codec": "PCMU", "remote_media": "192.0.2.10:4000", "local_media_port": 10002,
+                                      "transport": "udp", "dialplan_rule": tags[0] if tags else "default",
+                                      "language": None, "legs": ["caller"]})]
+    else:
+        events = [make(CALL_STARTED, {"language": None, "legs": ["caller"]})]
     offset = 500
     for number, text in enumerate(texts, 1):
         words = text.split()
@@ -299,7 +312,10 @@ def recorded_call(texts: list[str], *, call_id: str | None = None, start: float 
     for digit in digits:
         events.append(make(DTMF, {"digit": digit, "duration_ms": 120, "offset_ms": offset}, leg="caller"))
         offset += 300
-    if ended:
+    if ended and not info.source.is_sip:
+        events.append(make(CALL_ENDED, {"reason": "client-closed", "duration_ms": offset + 500, "turns": len(texts),
+                                        "dtmf": len(digits)}))
+    elif ended:
         events.append(make(CALL_ENDED, {"reason": "bye", "duration_ms": offset + 500, "turns": len(texts),
                                         "dtmf": len(digits), "rtp": {"packets": offset // 20, "lost": 3, "late": 1,
                                                                      "duplicates": 0, "foreign_dropped": 0,

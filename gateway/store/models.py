@@ -84,7 +84,7 @@ class Base(DeclarativeBase):
 
 
 class Call(Base):
-    """One answered call; created by its first event (normally call.started)."""
+    """One answered call or API session; created by its first event (normally call.started)."""
 
     __tablename__ = "calls"
 
@@ -95,6 +95,10 @@ class Call(Base):
     # user parts of the URIs (the numbers, usually): what supervisors search by
     from_user: Mapped[str] = mapped_column(Text, default="")
     to_user: Mapped[str] = mapped_column(Text, default="")
+    # where the session's audio came from (events' ``source``): sip, siprec, realtime,
+    # rest, twilio or webrtc, and that source's own ids (Twilio's callSid, a file name...)
+    source_kind: Mapped[str] = mapped_column(String(16), default="sip", server_default="sip", index=True)
+    source_ids: Mapped[dict[str, Any] | None]
     tags: Mapped[list[str]] = mapped_column(default=list)
     dialplan_rule: Mapped[str | None] = mapped_column(Text)
     codec: Mapped[str | None] = mapped_column(String(16))
@@ -127,8 +131,15 @@ class Call(Base):
         Index("ix_calls_status_started_at", "status", "started_at"),
     )
 
+    @property
+    def source_id_map(self) -> dict[str, str]:
+        """The source's ids; a row stored before sources were (revision 0002) was a SIP call: its Call-ID."""
+        if self.source_ids:
+            return {str(k): str(v) for k, v in self.source_ids.items()}
+        return {"call_id": self.sip_call_id} if self.sip_call_id and self.source_kind in (None, "sip") else {}
+
     def __repr__(self) -> str:
-        return f"<Call {self.call_id} {self.status} {self.from_uri} -> {self.to_uri}>"
+        return f"<Call {self.call_id} {self.status} {self.source_kind} {self.from_uri} -> {self.to_uri}>"
 
 
 class Leg(Base):

@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, Select, and_, exists, func, literal_column
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from ..events import SOURCE_KINDS
 from .models import CALL_LIVE, CALL_STATUSES, Call, Dtmf, Leg, Turn
 from .page import Page, QueryError, check_paging
 from .search import search_terms, turn_matches
@@ -61,6 +62,7 @@ def list_calls(
     tag: str | None = None,
     status: str | None = None,
     text: str | None = None,
+    source: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> Page[Call]:
@@ -70,7 +72,8 @@ def list_calls(
     substring of the From or To URI (numbers, names, hosts). tag: exact
     dialplan tag. status: ``live`` or ``ended``. text: full-text query over
     final transcripts (see :mod:`gateway.store.search`); a text with no
-    searchable word is ignored.
+    searchable word is ignored. source: the kind of source (``sip``,
+    ``realtime``, ``rest``, ``twilio``, ``webrtc``, ``siprec``).
     """
     check_paging(limit, offset)
     conditions: list[ColumnElement[bool]] = []
@@ -92,6 +95,10 @@ def list_calls(
         if status not in CALL_STATUSES:
             raise QueryError(f"status must be one of {', '.join(CALL_STATUSES)}, got {status!r}")
         conditions.append(Call.status == status)
+    if source:
+        if source not in SOURCE_KINDS:
+            raise QueryError(f"source must be one of {', '.join(SOURCE_KINDS)}, got {source!r}")
+        conditions.append(Call.source_kind == source)
     if text:
         terms = search_terms(text)
         if terms:

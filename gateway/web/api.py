@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..events import SOURCE_KINDS
 from ..store.models import Call, Dtmf, Turn
 from ..store.queries import get_call, list_calls
 from ..store.search import search_turns
@@ -51,9 +52,11 @@ class ValidationErrorOut(BaseModel):
 
 class CallSummary(BaseModel):
     call_id: str
-    sip_call_id: str
-    from_uri: str = Field(description="SIP URI of the From header")
-    to_uri: str = Field(description="SIP URI of the To header")
+    source_kind: Literal[SOURCE_KINDS] = Field(  # type: ignore[valid-type]
+        description="where the session's audio came from (docs/events.md, `source`)")
+    sip_call_id: str = Field(description="the SIP Call-ID; empty for sessions from other sources")
+    from_uri: str = Field(description="SIP URI of the From header; empty for sessions from other sources")
+    to_uri: str = Field(description="SIP URI of the To header; empty for sessions from other sources")
     from_user: str
     to_user: str
     tags: list[str]
@@ -99,6 +102,7 @@ class DtmfOut(BaseModel):
 
 
 class CallDetailOut(CallSummary):
+    source_ids: dict[str, str] = Field(description="the source's own ids (a Twilio callSid, a file name...)")
     legs: list[str]
     language: str | None
     transport: str | None
@@ -127,6 +131,8 @@ class SearchResults(BaseModel):
 
 class LiveCallOut(BaseModel):
     call_id: str
+    source_kind: Literal[SOURCE_KINDS]  # type: ignore[valid-type]
+    source_ids: dict[str, str]
     from_uri: str
     to_uri: str
     tags: list[str]
@@ -157,12 +163,17 @@ class MeOut(BaseModel):
 
 def call_summary(call: Call) -> CallSummary:
     return CallSummary(
-        call_id=call.call_id, sip_call_id=call.sip_call_id or "", from_uri=call.from_uri or "",
+        call_id=call.call_id, source_kind=source_kind(call), sip_call_id=call.sip_call_id or "",
+        from_uri=call.from_uri or "",
         to_uri=call.to_uri or "", from_user=call.from_user or "", to_user=call.to_user or "",
         tags=list(call.tags or []), dialplan_rule=call.dialplan_rule,
         status="ended" if call.status == "ended" else "live", started_at=call.started_at, ended_at=call.ended_at,
         duration_ms=call.duration_ms, end_reason=call.end_reason, turn_count=call.turn_count or 0,
         dtmf_count=call.dtmf_count or 0, codec=call.codec)
+
+
+def source_kind(call: Call) -> str:
+    return call.source_kind if call.source_kind in SOURCE_KINDS else "sip"
 
 
 def turn_out(turn: Turn) -> TurnOut:
@@ -178,7 +189,8 @@ def dtmf_out(d: Dtmf) -> DtmfOut:
 
 def live_out(call: LiveCall) -> LiveCallOut:
     data = call.to_json()
-    return LiveCallOut(call_id=call.call_id, from_uri=call.from_uri, to_uri=call.to_uri, tags=call.tags,
+    return LiveCallOut(call_id=call.call_id, source_kind=call.source_kind, source_ids=call.source_ids,
+                       from_uri=call.from_uri, to_uri=call.to_uri, tags=call.tags,
                        started_at=data["started_at"], latest_text=call.latest_text,
                        latest_partial=call.latest_partial, turns=call.turns)
 
@@ -241,6 +253,8 @@ def api_router(dashboard: "Dashboard") -> APIRouter:
                                            description="substring of the From or To URI (a number, a name)")] = None,
         tag: Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="exact dialplan tag")] = None,
         status: Annotated[Literal["live", "ended"] | None, Query(description="live or ended")] = None,
+        source: Annotated[Literal[SOURCE_KINDS] | None,  # type: ignore[valid-type]
+                          Query(description="kind of source: " + ", ".join(SOURCE_KINDS))] = None,
         q: Annotated[str | None, Query(max_length=500, pattern=NO_NUL,
                                        description="words that must occur in one final turn")] = None,
         limit: Limit = 50,
@@ -251,7 +265,7 @@ def api_router(dashboard: "Dashboard") -> APIRouter:
         def query() -> CallList:
             with dashboard.session() as db:
                 page = list_calls(db, since=since_utc, until=until_utc, party=party, tag=tag, status=status,
-                                  text=q, limit=limit, offset=offset)
+                                  text=q, source=source, limit=limit, offset=offset)
                 return CallList(items=[call_summary(c) for c in page.items], total=page.total, limit=page.limit,
                                 offset=page.offset, has_more=page.has_more)
 
@@ -266,7 +280,8 @@ def api_router(dashboard: "Dashboard") -> APIRouter:
                 if detail is None:
                     return None
                 c = detail.call
-                return CallDetailOut(**call_summary(c).model_dump(), legs=detail.legs, language=c.language,
+                return CallDetailOut(**call_summary(c).model_dump(), source_ids=c.source_id_map, legs=detail.legs,
+                                     language=c.language,
                                      transport=c.transport, rtp=c.rtp_stats,
                                      turns=[turn_out(t) for t in detail.turns], dtmf=[dtmf_out(d) for d in detail.dtmf])
 

@@ -61,6 +61,15 @@ def party(uri: str | None) -> str:
     return text.split(";", 1)[0]
 
 
+SOURCE_NAMES = {"sip": "SIP", "siprec": "SIPREC", "realtime": "Realtime", "rest": "REST", "twilio": "Twilio",
+                "webrtc": "WebRTC"}
+
+
+def source_name(kind: str | None) -> str:
+    """How a kind of source is named on the pages (the kind itself when unknown)."""
+    return SOURCE_NAMES.get(kind or "sip", kind or "")
+
+
 def highlight(text: str | None, query: str | None) -> Markup:
     """``text`` escaped, with the words of ``query`` (and their prefixes' matches) in <mark>."""
     text = text or ""
@@ -80,4 +89,4 @@ def highlight(text: str | None, query: str | None) -> Markup:
 
 
 FILTERS = {"mmss": mmss, "duration": duration, "confidence": confidence, "utc": utc, "iso": iso,
-           "party": party, "highlight": highlight}
+           "party": party, "highlight": highlight, "source_name": source_name}

@@ -3,14 +3,16 @@
 One :class:`LiveHub` per gateway process reads the global stream
 ``<prefix>:events`` with a single blocking XREAD loop and fans every event out to
 the SSE connections: a hundred supervisors watching cost one Redis reader, and
-a slow browser only ever fills its own buffer. A call view gets every event of
+a slow browser only ever fills its own buffer. Entries are decoded and
+validated once, here (:meth:`gateway.events.Event.from_wire`); an invalid one
+is counted and skipped, and subscribers get the event's wire form. A call view gets every event of
 its call through a bounded queue; the board gets changes coalesced per call
 (:class:`BoardSubscription`). A subscriber that falls too far behind is closed
 (it gets :data:`OVERFLOW`); its EventSource reconnects and starts over from a
 replay, which is cheaper and more honest than silently skipping events.
 
-:class:`LiveBoard` is the sans-I/O part: the set of active calls, fed event
-dicts, answering what changed. On start the hub rebuilds it from the recent
+:class:`LiveBoard` is the sans-I/O part: the set of active calls, fed typed
+events, answering what changed. On start the hub rebuilds it from the recent
 past of the stream (XREVRANGE), so a restarted gateway shows calls that were
 already up. Events are deduplicated by their per-call number (delivery is
 at-least-once, docs/events.md), and a call that ended stays ended even if a
@@ -24,11 +26,11 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from ..events import CALL_ENDED, CALL_STARTED, DTMF, TURN_FINAL, TURN_PARTIAL, parse_fields
+from ..events import CallEnded, CallStarted, Event, EventError, TurnFinal, TurnPartial, decode_fields
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +54,6 @@ def event_number(event: dict[str, Any]) -> int:
     return int(tail) if tail.isdigit() and len(tail) <= 12 else 0
 
 
-def _parse_time(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
-
-
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -76,6 +66,8 @@ class LiveCall:
     tags: list[str]
     started_at: float  # wall clock of the answer (estimated when call.started was not seen)
     sip_call_id: str = ""
+    source_kind: str = "sip"
+    source_ids: dict[str, str] = field(default_factory=dict)
     latest_text: str = ""
     latest_partial: bool = False  # latest_text is an interim partial
     latest_turn: int = 0
@@ -87,7 +79,8 @@ class LiveCall:
     def to_json(self) -> dict[str, Any]:
         return {"call_id": self.call_id, "from": self.from_uri, "to": self.to_uri, "tags": list(self.tags),
                 "started_at": _iso(self.started_at), "started_ms": int(self.started_at * 1000),
-                "sip_call_id": self.sip_call_id, "latest_text": self.latest_text,
+                "sip_call_id": self.sip_call_id, "source": {"kind": self.source_kind, **self.source_ids},
+                "latest_text": self.latest_text,
                 "latest_partial": self.latest_partial, "latest_turn": self.latest_turn, "turns": self.turns}
 
 
@@ -111,20 +104,23 @@ class LiveBoard:
         self.stale_after_s = stale_after_s
         self._ended: OrderedDict[str, None] = OrderedDict()
 
-    def apply(self, event: dict[str, Any]) -> BoardChange | None:
-        """Apply one event; the change to show, or None (duplicate, late, malformed)."""
-        call_id = event.get("call_id")
-        kind = event.get("type")
-        if not isinstance(call_id, str) or not valid_call_id(call_id) or not isinstance(kind, str):
+    def apply(self, event: Event | dict[str, Any]) -> BoardChange | None:
+        """Apply one event (a dict is decoded first); the change to show, or None (duplicate, late, invalid)."""
+        if not isinstance(event, Event):
+            try:
+                event = Event.from_wire(event)
+            except EventError:
+                return None
+        call_id = event.call_id
+        if not valid_call_id(call_id) or call_id in self._ended:
             return None
-        if call_id in self._ended:
-            return None
-        number = event_number(event)
-        when = _parse_time(event.get("time")) or time.time()
+        payload = event.payload
+        number = event.number
+        when = event.created_at
         call = self.calls.get(call_id)
         if call is not None and number and number <= call.last_number:
             return None  # a duplicate from a retried publish
-        if kind == CALL_ENDED:
+        if isinstance(payload, CallEnded):
             self._ended[call_id] = None
             while len(self._ended) > MAX_ENDED_REMEMBERED:
                 self._ended.popitem(last=False)
@@ -132,33 +128,32 @@ class LiveBoard:
                 return None
             return BoardChange("ended", call_id)
         if call is None:
-            tags = event.get("tags")
             started = when
-            if kind != CALL_STARTED:  # came in mid-call: estimate the answer time from the offset
-                offset = event.get("end_ms", event.get("offset_ms"))
-                if isinstance(offset, (int, float)) and 0 <= offset < 86_400_000:
+            if not isinstance(payload, CallStarted):  # came in mid-call: estimate the answer time from the offset
+                offset = getattr(payload, "end_ms", None)
+                if offset is None:
+                    offset = getattr(payload, "offset_ms", None)
+                if offset is not None and offset < 86_400_000:
                     started = when - offset / 1000.0
-            call = LiveCall(call_id=call_id, from_uri=str(event.get("from") or ""), to_uri=str(event.get("to") or ""),
-                            tags=[str(t) for t in tags] if isinstance(tags, list) else [], started_at=started,
-                            sip_call_id=str(event.get("sip_call_id") or ""))
+            info = event.call
+            call = LiveCall(call_id=call_id, from_uri=info.from_uri, to_uri=info.to_uri, tags=list(info.tags),
+                            started_at=started, sip_call_id=info.sip_call_id, source_kind=info.source.kind,
+                            source_ids=dict(info.source.ids))
             self.calls[call_id] = call
-        if kind == CALL_STARTED:
+        if isinstance(payload, CallStarted):
             call.started_at = when
         call.last_number = max(call.last_number, number)
         call.last_event_at = max(call.last_event_at, when)
-        if kind in (TURN_PARTIAL, TURN_FINAL):
-            turn, text, leg = event.get("turn"), event.get("text"), str(event.get("leg") or "")
-            if not isinstance(turn, int) or not isinstance(text, str):
-                return None
-            if kind == TURN_FINAL:
+        if isinstance(payload, (TurnPartial, TurnFinal)):
+            final = isinstance(payload, TurnFinal)
+            leg, turn, text = event.leg or "", payload.turn, payload.text
+            if final:
                 call.turns += 1
             # the newest words win; an empty final only clears its own turn's partial
-            if text or (kind == TURN_FINAL and (call.latest_leg, call.latest_turn) == (leg, turn)):
+            if text or (final and (call.latest_leg, call.latest_turn) == (leg, turn)):
                 call.latest_text = text
-                call.latest_partial = kind == TURN_PARTIAL
+                call.latest_partial = not final
                 call.latest_turn, call.latest_leg = turn, leg
-        elif kind not in (CALL_STARTED, DTMF):
-            return None
         return BoardChange("call", call_id, call)
 
     def expire(self, now: float) -> list[BoardChange]:
@@ -426,7 +421,7 @@ class LiveHub:
                 for entry_id, fields in batch:
                     event = self._decode(fields)
                     if event is not None:
-                        events.append(event)
+                        events.append(event.to_wire())
                 if len(batch) < 500:
                     break
                 start = "(" + _id(batch[-1][0])
@@ -435,28 +430,25 @@ class LiveHub:
         return events
 
     # -- the reader
-    def _decode(self, fields: Any) -> dict[str, Any] | None:
+    def _decode(self, fields: Any) -> Event | None:
         try:
-            event = parse_fields(fields or {})
-        except (ValueError, UnicodeDecodeError):
+            return decode_fields(fields or {})
+        except (ValueError, UnicodeDecodeError):  # EventError is a ValueError
             self.stats.bad_entries += 1
             return None
-        if not isinstance(event, dict):
-            self.stats.bad_entries += 1
-            return None
-        return event
 
-    def dispatch(self, event: dict[str, Any]) -> None:
-        """Apply one event to the board and hand it to the subscribers concerned."""
+    def dispatch(self, event: Event) -> None:
+        """Apply one event to the board and hand its wire form to the subscribers concerned."""
         self.stats.entries += 1
         change = self.board.apply(event)
         if change is not None:
             for sub in list(self._board_subs):
                 sub.offer(change)
-        call_id = event.get("call_id")
-        if isinstance(call_id, str):
-            for sub in list(self._call_subs.get(call_id, ())):
-                sub.offer(event)
+        subs = self._call_subs.get(event.call_id)
+        if subs:
+            wire = event.to_wire()
+            for sub in list(subs):
+                sub.offer(wire)
 
     def _broadcast_status(self) -> None:
         for sub in list(self._board_subs):

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..events import SOURCE_KINDS
 from ..store.queries import get_call, list_calls
 from ..store.search import search_terms, search_turns
 from ..store.users import MAX_FAILED_LOGINS, UserError, authenticate, normalize_username
@@ -191,6 +192,10 @@ def page_router(d: Dashboard) -> APIRouter:
         if status not in ("", "live", "ended"):
             errors.append("status: must be live or ended")
             status = ""
+        source = args.get("source") or ""
+        if source and source not in SOURCE_KINDS:
+            errors.append(f"source: must be one of {', '.join(SOURCE_KINDS)}")
+            source = ""
         try:
             page_no = max(1, min(int(args.get("page") or 1), 100_000))
         except ValueError:
@@ -210,7 +215,7 @@ def page_router(d: Dashboard) -> APIRouter:
         def query() -> tuple[Any, dict[str, Any]]:
             with d.session() as db:
                 page = list_calls(db, since=since, until=until, party=party or None, tag=tag or None,
-                                  status=status or None, text=q or None, limit=PAGE_SIZE,
+                                  status=status or None, text=q or None, source=source or None, limit=PAGE_SIZE,
                                   offset=(page_no - 1) * PAGE_SIZE)
                 hits: dict[str, Any] = {}
                 if q and search_terms(q) and page.items:
@@ -222,13 +227,13 @@ def page_router(d: Dashboard) -> APIRouter:
 
         page, hits = await run_in_threadpool(query)
         filters = {"from": args.get("from") or "", "to": args.get("to") or "", "party": party, "tag": tag,
-                   "q": q, "status": status}
+                   "q": q, "status": status, "source": source}
         base = {k: v for k, v in filters.items() if v}
         prev_url = "/calls?" + urlencode({**base, "page": page_no - 1}) if page_no > 1 else None
         next_url = "/calls?" + urlencode({**base, "page": page_no + 1}) if page.has_more else None
         return d.render(request, "history.html", {
             "user": user, "nav": "history", "page": page, "hits": hits, "filters": filters, "errors": errors,
-            "prev_url": prev_url, "next_url": next_url, "page_no": page_no})
+            "prev_url": prev_url, "next_url": next_url, "page_no": page_no, "source_kinds": SOURCE_KINDS})
 
     @router.get("/calls/{call_id}")
     async def call_page(request: Request, call_id: str) -> Response:
@@ -254,6 +259,13 @@ def page_router(d: Dashboard) -> APIRouter:
         return d.render(request, "call.html", {
             "user": user, "nav": "live" if is_live else "history", "call_id": call_id, "detail": detail,
             "live": live.to_json() if live else None, "is_live": is_live})
+
+    @router.get("/try")
+    async def try_it(request: Request) -> Response:
+        """Talk into the browser's microphone: WebRTC to ``POST /v1/whip``, transcript from the call stream."""
+        user = await page_user(request)
+        return d.render(request, "try.html", {"user": user, "nav": "try",
+                                              "whip": d.settings.api_enabled})
 
     # -- live streams (server-sent events)
     @router.get("/live/stream")

@@ -33,7 +33,8 @@ async def test_events_reach_global_and_call_streams_with_stable_ids(server):
     await pub.start()
     factory = EventFactory(CallInfo("c1", "sip-1", "sip:a@x", "sip:b@y", 0.0, ("t",)))
     pub.publish(factory.make(CALL_STARTED, {"codec": "PCMU"}))
-    pub.publish(factory.make(TURN_FINAL, {"turn": 1, "text": "hello"}, leg="caller", speech_end_monotonic=0.0))
+    pub.publish(factory.make(TURN_FINAL, {"turn": 1, "start_ms": 0, "end_ms": 900, "text": "hello"}, leg="caller",
+                             speech_end_monotonic=0.0))
     assert await pub.flush(5)
     await pub.close()
     global_events = entries(server.url, "t:events")
@@ -54,7 +55,8 @@ async def test_nothing_is_lost_while_redis_is_down(server):
     assert await pub.flush(5)
     server.stop()
     for i in range(5):
-        pub.publish(factory.make(TURN_FINAL, {"turn": i + 1, "text": f"turn {i}"}))
+        pub.publish(factory.make(TURN_FINAL, {"turn": i + 1, "start_ms": i * 1000, "end_ms": i * 1000 + 900,
+                                               "text": f"turn {i}"}, leg="caller"))
     assert not await pub.flush(1.0)  # Redis is down: the events wait
     assert pub.backlog == 5 and pub.failures >= 1
     server.start()  # same port, empty (no persistence)

@@ -111,3 +111,26 @@ def test_unusable_database_urls_are_refused_clearly(url, message):
 
 def test_plain_postgresql_url_uses_psycopg3():
     assert parse_url("postgresql://u:secret@h/db").drivername == "postgresql+psycopg"
+
+
+def test_0002_gives_calls_stored_before_it_the_sip_source(empty_url):
+    migrate.upgrade(empty_url, "0001")
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO calls (call_id, sip_call_id, from_uri, to_uri, from_user, to_user, tags, status, "
+                "started_at, turn_count, dtmf_count, updated_at) VALUES ('old', 'a84b', 'sip:a@x', 'sip:b@y', "
+                "'a', 'b', '[]', 'ended', :t, 0, 0, :t)"), {"t": datetime(2026, 1, 1, tzinfo=timezone.utc)})
+        migrate.upgrade(empty_url)
+        assert "ix_calls_source_kind" in {i["name"] for i in inspect(engine).get_indexes("calls")}
+        with make_sessionmaker(engine)() as s:
+            old = s.get(Call, "old")
+            assert (old.source_kind, old.source_ids, old.source_id_map) == ("sip", None, {"call_id": "a84b"})
+        migrate.downgrade(empty_url, "0001")
+        engine.dispose()
+        assert not {"source_kind", "source_ids"} & {c["name"] for c in inspect(engine).get_columns("calls")}
+        with engine.connect() as conn:  # the row outlived the round trip
+            assert conn.scalar(text("SELECT sip_call_id FROM calls WHERE call_id = 'old'")) == "a84b"
+    finally:
+        engine.dispose()

@@ -17,9 +17,10 @@ def publish(stream: str) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     for event in (
         factory.make(CALL_STARTED),
-        factory.make(TURN_PARTIAL, {"turn": 1, "text": "please hold"}, leg="caller"),
-        factory.make(TURN_FINAL, {"turn": 1, "text": "Please hold the line."}, leg="caller",
-                     speech_end_monotonic=0.0),
+        factory.make(TURN_PARTIAL, {"turn": 1, "partial": 1, "start_ms": 300, "end_ms": 1300, "text": "please hold"},
+                     leg="caller"),
+        factory.make(TURN_FINAL, {"turn": 1, "start_ms": 300, "end_ms": 2100, "text": "Please hold the line."},
+                     leg="caller", speech_end_monotonic=0.0),
         factory.make(CALL_ENDED, {"reason": "bye", "duration_ms": 4200}),
     ):
         client.xadd(stream, event.to_fields())
@@ -62,3 +63,27 @@ def test_unreadable_redis_is_reported_with_exit_code_1():
 
 def test_format_skips_unknown_types():
     assert format_event({"type": "something.else"}) is None
+
+
+def test_format_shows_the_source_of_non_sip_sessions_and_escapes_control_characters():
+    from gateway.events import DTMF, Source
+
+    twilio = EventFactory(CallInfo("call-0002", source=Source("twilio", (("call_sid", "CA5f"),
+                                                                         ("stream_sid", "MZ18"),
+                                                                         ("account_sid", "")))))
+    assert format_event(twilio.make(CALL_STARTED)).endswith("call started  twilio call_sid=CA5f stream_sid=MZ18")
+    final = twilio.make(TURN_FINAL, {"turn": 1, "start_ms": 0, "end_ms": 900, "text": "red \x1b[31malert\x07\u2028"},
+                        leg="agent")
+    line = format_event(final)
+    assert line.endswith("agent#1 red \\x1b[31malert\\x07\\u2028") and "\x1b" not in line
+    failed = twilio.make(TURN_FINAL, {"turn": 2, "start_ms": 0, "end_ms": 900, "error": "asr-timeout"}, leg="agent")
+    assert format_event(failed).endswith("agent#2 [asr-timeout]")
+    assert format_event(twilio.make(DTMF, {"digit": "5"}, leg="caller")).endswith("dtmf 5")
+    sip = EventFactory(CallInfo("call-0003", "s", "sip:\x1b]0;owned\x07@pbx", "sip:b@y", 0.0))
+    assert "sip:\\x1b]0;owned\\x07@pbx -> sip:b@y" in format_event(sip.make(CALL_STARTED))
+    # a v1 event (no source) and an invalid one
+    v1 = sip.make(CALL_ENDED, {"reason": "bye", "duration_ms": 1500}).to_wire()
+    del v1["source"]
+    v1["schema"] = "earshot.event.v1"
+    assert format_event(v1).endswith("call ended    (bye, 1.5 s)")
+    assert format_event({**v1, "duration_ms": "long"}) is None

@@ -42,6 +42,10 @@ function confidence(c) {
 }
 
 // -- the live board
+// as gateway/web/format.py names them
+var SOURCE_NAMES = {sip: "SIP", siprec: "SIPREC", realtime: "Realtime", rest: "REST", twilio: "Twilio",
+                    webrtc: "WebRTC"};
+
 function boardRow(call) {
   var tr = el("tr");
   tr.setAttribute("data-call-id", call.call_id);
@@ -49,6 +53,9 @@ function boardRow(call) {
   var a = el("a", "ticker", "live"); a.href = "/calls/" + encodeURIComponent(call.call_id);
   a.setAttribute("data-started-ms", call.started_ms);
   d.appendChild(a); tr.appendChild(d);
+  var kind = (call.source && call.source.kind) || "sip";
+  var src = el("td"); src.setAttribute("data-label", "Source");
+  src.appendChild(el("span", "source " + kind, SOURCE_NAMES[kind] || kind)); tr.appendChild(src);
   var f = el("td", "party", party(call.from)); f.setAttribute("data-label", "From"); tr.appendChild(f);
   var t = el("td", "party", party(call.to)); t.setAttribute("data-label", "To"); tr.appendChild(t);
   var g = el("td"); g.setAttribute("data-label", "Tags");
