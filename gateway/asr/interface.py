@@ -26,6 +26,8 @@ import numpy as np
 
 __all__ = [
     "SAMPLE_RATE",
+    "TASKS",
+    "Word",
     "SourceAudio",
     "AsrOverloaded",
     "AsrTimeout",
@@ -39,6 +41,9 @@ __all__ = [
 
 SAMPLE_RATE = 16_000
 """Audio handed to a transcriber is always 16 kHz mono float32 (Whisper's native rate)."""
+
+TASKS = ("transcribe", "translate")
+"""What a request asks for: the speech as spoken, or translated to English (multilingual models only)."""
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: it holds arrays
@@ -95,6 +100,11 @@ class TranscriptionRequest:
     apart by it); ``turn`` is the leg's turn number, for logs and metrics.
     ``source``, when the audio came from a telephone leg, is that audio at its
     native rate (:class:`SourceAudio`): what the pool sends on the wire.
+
+    Options the call path never sets (REST uploads do): ``task`` "translate"
+    asks for English text from speech in another language (an English-only
+    model transcribes either way); ``word_timestamps`` asks for the result's
+    ``words``, which costs an alignment pass after decoding.
     """
 
     audio: np.ndarray
@@ -109,6 +119,8 @@ class TranscriptionRequest:
     turn: int = 0
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     source: SourceAudio | None = None  # what ``audio``/``context_audio`` were made from (telephone legs)
+    task: Literal["transcribe", "translate"] = "transcribe"
+    word_timestamps: bool = False
 
     def __post_init__(self) -> None:
         audio = self.audio
@@ -134,6 +146,10 @@ class TranscriptionRequest:
             raise ValueError(f"TranscriptionRequest.deadline must be a finite epoch time or None, got {self.deadline!r}")
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError("TranscriptionRequest.request_id must be a non-empty string")
+        if self.task not in TASKS:
+            raise ValueError(f"TranscriptionRequest.task must be one of {TASKS}, got {self.task!r}")
+        if not isinstance(self.word_timestamps, bool):
+            raise ValueError(f"TranscriptionRequest.word_timestamps must be a bool, got {self.word_timestamps!r}")
 
     @property
     def seconds(self) -> float:
@@ -146,11 +162,23 @@ class TranscriptionRequest:
 
 
 @dataclass(frozen=True)
+class Word:
+    """One word of a result and when it was said: seconds from the start of the request's ``audio``."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
 class TranscriptionResult:
     """What the recognizer heard, with the confidence signals Whisper gives.
 
     ``silence`` is True when the guard decided there was no speech (energy
     too low, or the model itself said "no speech"); ``text`` is then "".
+    ``words`` is filled only for a request with ``word_timestamps`` (and by
+    a recognizer that can align words); empty otherwise.
     """
 
     text: str
@@ -163,6 +191,7 @@ class TranscriptionResult:
     processing_seconds: float
     model: str
     silence: bool
+    words: tuple[Word, ...] = ()
 
 
 class Superseded(Exception):

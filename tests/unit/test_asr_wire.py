@@ -217,3 +217,38 @@ def test_key_names() -> None:
     assert names.job_streams == ("earshot:asr:jobs:final", "earshot:asr:jobs:partial")
     assert names.replies("gw-1") == "earshot:asr:replies:gw-1" and names.group == "earshot-asr"
     assert names.worker("w1") == "earshot:asr:worker:w1" and names.gateway("gw-1") == "earshot:gateway:gw-1"
+
+
+def test_task_and_word_timestamps_travel_only_when_set() -> None:
+    plain = json.loads(encode_job(full_request(), "r", 0.0)["meta"])
+    assert "task" not in plain and "word_timestamps" not in plain  # what every call's job looks like
+    request = TranscriptionRequest(noise(2.0), "final", task="translate", word_timestamps=True)
+    got = decode_job(encode_job(request, "r", 0.0)).request
+    assert (got.task, got.word_timestamps) == ("translate", True)
+    assert (decode_job(encode_job(full_request(), "r", 0.0)).request.task) == "transcribe"
+
+
+@pytest.mark.parametrize(("change", "names"), [
+    ({"task": "summarize"}, "meta.task"),
+    ({"word_timestamps": "yes"}, "meta.word_timestamps"),
+])
+def test_a_bad_task_or_word_flag_names_its_field(change: dict[str, object], names: str) -> None:
+    fields = encode_job(full_request(), "r", 0.0)
+    meta = json.loads(fields["meta"])
+    meta.update(change)
+    with pytest.raises(WireError, match=names):
+        decode_job({**fields, "meta": json.dumps(meta).encode()})
+
+
+def test_words_round_trip_in_a_reply() -> None:
+    from dataclasses import replace
+
+    from gateway.asr.interface import Word
+
+    words = (Word(" hello", 0.0, 0.42, 0.9), Word(" there", 0.42, 0.8, 0.75))
+    with_words = replace(result(), words=words)
+    assert decode_reply(encode_reply(Reply("r1", with_words))).result == with_words
+    assert "words" not in json.loads(encode_reply(Reply("r1", result()))["reply"])["result"]
+    for bad in ([["hello", 0.0, "late", 1.0]], [["hello", 0.0]], "hello", [[1, 0.0, 1.0, 1.0]]):
+        with pytest.raises(WireError, match="words"):
+            decode_reply({"reply": json.dumps({"v": 1, "id": "r", "result": result_body(words=bad)}).encode()})

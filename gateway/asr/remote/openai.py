@@ -7,6 +7,10 @@ before partials, a waiting partial superseded by a newer request for its key,
 (a server would turn silence into "Thank you."), errors as
 :class:`~gateway.asr.interface.TranscriptionError` with a code.
 
+A request's ``task`` "translate" goes to ``/v1/audio/translations``, and
+``word_timestamps`` asks for ``timestamp_granularities[]=word`` (the words of a
+verbose_json answer become the result's ``words``).
+
 What the API cannot carry: context audio. Only text context goes, as the
 request's ``prompt`` (the leg's earlier text followed by the transcript of
 the turns just before). docs/gpu.md and bench/RESULTS.md give what that
@@ -35,6 +39,7 @@ from ..interface import (
     TranscriptionError,
     TranscriptionRequest,
     TranscriptionResult,
+    Word,
 )
 from ..whisper.guard import GuardThresholds, compression_ratio, is_silence, speech_band_level_db
 from .wire import pcm16_from_float
@@ -219,15 +224,18 @@ class OpenAITranscriber:
         return self._result(request, body, time.perf_counter() - started)
 
     async def _post(self, request: TranscriptionRequest, response_format: str, deadline: float) -> Any:
-        data = {"model": self.model, "response_format": response_format, "temperature": "0"}
-        if request.language:
+        data: dict[str, Any] = {"model": self.model, "response_format": response_format, "temperature": "0"}
+        if request.language and request.task == "transcribe":  # translations take no language
             data["language"] = request.language
+        if request.word_timestamps and response_format == "verbose_json":
+            data["timestamp_granularities[]"] = ["word", "segment"]
         prompt = " ".join(part for part in (request.prompt, request.context_text) if part and part.strip())
         if prompt:
             data["prompt"] = prompt[-PROMPT_CHARS:]
         files = {"file": ("turn.wav", wav_bytes(request.audio), "audio/wav")}
         left = max(0.05, deadline - self._wall())  # the request's own deadline, not a fixed timeout
-        return await self._client.post("/audio/transcriptions", data=data, files=files,
+        path = "/audio/translations" if request.task == "translate" else "/audio/transcriptions"
+        return await self._client.post(path, data=data, files=files,
                                        timeout=httpx.Timeout(left, connect=min(5.0, left)))
 
     def _silence(self, request: TranscriptionRequest, elapsed: float) -> TranscriptionResult:
@@ -252,7 +260,17 @@ class OpenAITranscriber:
         return TranscriptionResult(
             text="" if silence else text, language=_iso_language(language), language_probability=1.0 if language else 0.0,
             avg_logprob=avg_logprob, no_speech_prob=no_speech_prob, compression_ratio=ratio,
-            audio_seconds=request.seconds, processing_seconds=elapsed, model=self.name, silence=silence)
+            audio_seconds=request.seconds, processing_seconds=elapsed, model=self.name, silence=silence,
+            words=() if silence or not request.word_timestamps else _words(body.get("words")))
+
+
+def _words(raw: object) -> tuple[Word, ...]:
+    """verbose_json ``words`` ({word, start, end}); malformed items are skipped."""
+    if not isinstance(raw, list):
+        return ()
+    return tuple(Word(item["word"], float(item["start"]), float(item["end"]), 1.0) for item in raw
+                 if isinstance(item, dict) and isinstance(item.get("word"), str)
+                 and _number(item.get("start")) and _number(item.get("end")))
 
 
 def _number(value: object) -> bool:

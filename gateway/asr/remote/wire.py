@@ -8,7 +8,8 @@ becomes a :class:`WireError` naming the field, never a crash).
 A job entry has three fields:
 
 - ``meta``: JSON with the request's scalar fields (id, kind, key, session,
-  turn, language, prompt, context text, deadline), the audio's sample rate
+  turn, language, prompt, context text, deadline; ``task`` and
+  ``word_timestamps`` only when a request sets them), the audio's sample rate
   and resampler, the lengths of the context's parts, the reply stream and
   the time it was sent;
 - ``audio``: the turn as 16-bit little-endian PCM at ``meta.rate``;
@@ -23,7 +24,12 @@ pool decodes what the embedded transcriber would, from a quarter of the
 bytes (a final with 10 s of context and a 5 s turn: 240 KB). A request
 without a source goes as 16-bit PCM at 16 kHz (quantized: within half a
 step of the float samples). A reply entry carries one ``reply`` field,
-JSON: the result, or an error code with a message.
+JSON: the result (with ``words`` as ``[word, start, end, probability]``
+lists when it has any), or an error code with a message.
+
+``task``, ``word_timestamps`` and ``words`` are optional, so the version
+stays 1: a worker older than them ignores them (it transcribes a translate
+job, without words), which only a mixed-version pool can meet.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..interface import SAMPLE_RATE, SourceAudio, TranscriptionRequest, TranscriptionResult
+from ..interface import SAMPLE_RATE, TASKS, SourceAudio, TranscriptionRequest, TranscriptionResult, Word
 
 __all__ = [
     "MAX_AUDIO_S",
@@ -57,6 +63,7 @@ WIRE_VERSION = 1
 MAX_AUDIO_S = 120.0  # longer audio in one job is refused (a turn is at most max_turn_s)
 RATES = (8000, 16000)
 _MAX_TEXT = 16_384  # characters of prompt or context text
+_MAX_WORDS = 10_000  # words in one result (MAX_AUDIO_S of fast speech is well under)
 
 
 class WireError(ValueError):
@@ -147,6 +154,10 @@ def encode_job(request: TranscriptionRequest, reply_to: str, sent_at: float) -> 
         "reply": reply_to,
         "sent": sent_at,
     }
+    if request.task != "transcribe":
+        meta["task"] = request.task
+    if request.word_timestamps:
+        meta["word_timestamps"] = True
     has_context = request.context_audio is not None and request.context_audio.size > 0
     if source is None:
         fields = {"audio": pcm16_from_float(request.audio)}
@@ -269,6 +280,12 @@ def decode_job(fields: Mapping[Any, Any]) -> Job:
         context_text = _text(meta, "context_text") or ""
         key = _text(meta, "key", limit=512) or ""
         session = _text(meta, "session", limit=512) or ""
+        task = meta.get("task", "transcribe")
+        if task not in TASKS:
+            raise WireError(f"meta.task must be one of {list(TASKS)}, got {task!r:.40}")
+        word_timestamps = meta.get("word_timestamps", False)
+        if not isinstance(word_timestamps, bool):
+            raise WireError("meta.word_timestamps must be true or false")
         context_raw = _field(fields, "context")
         source = None
         if rate == SAMPLE_RATE:
@@ -287,7 +304,7 @@ def decode_job(fields: Mapping[Any, Any]) -> Job:
             request = TranscriptionRequest(
                 audio=audio, kind=kind, language=language, prompt=prompt, key=key, context_audio=context,
                 context_text=context_text if context is not None else "", deadline=deadline, session=session,
-                turn=turn, request_id=request_id, source=source)
+                turn=turn, request_id=request_id, source=source, task=task, word_timestamps=word_timestamps)
         except (TypeError, ValueError) as exc:
             raise WireError(str(exc)) from None
     except WireError as exc:
@@ -318,6 +335,8 @@ def encode_reply(reply: Reply) -> dict[str, bytes]:
                             "queued_s": round(reply.queued_s, 4), "batch": reply.batch}
     if reply.result is not None:
         body["result"] = {name: getattr(reply.result, name) for name in _RESULT_FIELDS}
+        if reply.result.words:
+            body["result"]["words"] = [[w.word, w.start, w.end, w.probability] for w in reply.result.words]
     else:
         body["error"] = reply.error or "asr-failed"
         body["message"] = reply.message[:2000]
@@ -366,4 +385,23 @@ def decode_reply(fields: Mapping[Any, Any]) -> Reply:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise WireError(f"reply.result.{name} must be a finite number", request_id=request_id)
         values[name] = float(value)
-    return Reply(request_id, TranscriptionResult(**values), worker=worker, queued_s=queued_s, batch=batch_n)
+    words = _words(result.get("words"), request_id)
+    return Reply(request_id, TranscriptionResult(**values, words=words), worker=worker, queued_s=queued_s,
+                 batch=batch_n)
+
+
+def _words(raw: object, request_id: str) -> tuple[Word, ...]:
+    """``reply.result.words``: absent, or a list of ``[word, start, end, probability]``."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > _MAX_WORDS:
+        raise WireError(f"reply.result.words must be a list of at most {_MAX_WORDS} words", request_id=request_id)
+    words = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and len(item[0]) <= 256
+                and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                        for v in item[1:])):
+            raise WireError("reply.result.words items must be [word, start, end, probability]",
+                            request_id=request_id)
+        words.append(Word(item[0], float(item[1]), float(item[2]), float(item[3])))
+    return tuple(words)

@@ -10,6 +10,11 @@ What it does beyond ``WhisperModel.transcribe()`` and why:
   requests those are, and a batched result equals the unbatched one.
 - Hallucinations: the silence guard (:mod:`.guard`) runs here, wherever the
   engine runs.
+- Words and translation (REST uploads): a request's ``task`` selects the
+  decoder's task token, and ``word_timestamps`` aligns the decoded tokens
+  with the audio through the model's cross-attention heads (CTranslate2's
+  ``align``, as faster-whisper's own ``word_timestamps`` does) on the
+  encoder output the decode already computed.
 - Context. Offline transcription hears a short utterance inside the whole
   call and conditions each window on the text before it; a call leg's turns
   are decoded one by one, which costs accuracy on short turns (docs/asr.md).
@@ -33,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..interface import SAMPLE_RATE, TranscriptionRequest, TranscriptionResult
+from ..interface import SAMPLE_RATE, TranscriptionRequest, TranscriptionResult, Word
 from ..models import resolve_model
 from ..wer import normalize
 from .guard import GuardThresholds, collapse_repeats, compression_ratio, first_repeat, is_silence, speech_band_level_db
@@ -80,6 +85,13 @@ class _Window:
     prefix: str = ""  # transcript of the start of ``audio``, forced as the decoder's first tokens
     context_samples: int = 0  # how much of ``audio`` that prefix covers
     beam: int = 1  # beam size (1: greedy)
+    task: str = "transcribe"  # or "translate"
+    words: bool = False  # align the decoded words with the audio
+
+
+# faster-whisper's defaults: punctuation joined to the word before (or after) it
+_PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+_APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
 
 @dataclass
@@ -94,6 +106,7 @@ class _Decoded:
     avg_logprob: float
     no_speech_prob: float
     compression_ratio: float
+    words: tuple[Word, ...] = ()  # seconds from the start of the window's audio
 
 
 class WhisperEngine:
@@ -169,10 +182,12 @@ class WhisperEngine:
 
     def batch_key(self, request: TranscriptionRequest, overloaded: bool) -> Hashable:
         """Requests with equal keys can share one encode + generate call: same kind, input
-        shape (window frames), language and prompt length (the prompts' texts may differ)."""
+        shape (window frames), language, prompt length (the prompts' texts may differ),
+        task and word alignment."""
         kind = "partial" if overloaded else request.kind
         prompt_length = len(self.previous_tokens(request.prompt, self.context_tokens))
-        return request.kind, self.first_frames(request, kind), request.language, prompt_length
+        return (request.kind, self.first_frames(request, kind), request.language, prompt_length,
+                request.task, request.word_timestamps)
 
     def _decoder_model(self, model_path: str, cpu_threads: int, workers: int, decoder_threads: int):
         """The model instance ``generate`` runs on.
@@ -196,14 +211,13 @@ class WhisperEngine:
         return ctranslate2.models.Whisper(path, device="cpu", compute_type=model.compute_type,
                                           intra_threads=decoder_threads, inter_threads=workers)
 
-    def _tokenizer(self, language: str):
+    def _tokenizer(self, language: str, task: str = "transcribe"):
         from faster_whisper.tokenizer import Tokenizer
 
-        if language not in self._tokenizers:
-            self._tokenizers[language] = Tokenizer(
-                self.model.hf_tokenizer, self.multilingual, task="transcribe", language=language
-            )
-        return self._tokenizers[language]
+        key = (language, task)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=task, language=language)
+        return self._tokenizers[key]
 
     def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
         result = self.transcribe_batch([request])[0]
@@ -244,22 +258,25 @@ class WhisperEngine:
                                     for slot, chunks, language, kind in plans])
         for (slot, chunks, language, kind), first in zip(plans, firsts):
             request = requests[slot]
-            heard: list[_Decoded] = []
+            heard: list[tuple[_Decoded, int]] = []  # (window, its first sample in the request's audio)
+            offset = 0
             prompt = request.prompt
             context = self.context_tokens  # the caller's context; later windows of the turn get the whole previous window
             beam = self._beam(kind)
+            options = {"task": request.task, "words": request.word_timestamps}
             try:
                 for i, chunk in enumerate(chunks):
                     if i == 0:
                         decoded = first
                     else:
                         frames = self.policy.frames(chunk.size / SAMPLE_RATE, kind)
-                        decoded = self.decode(chunk, language, prompt, frames, context, beam)
-                    decoded = self._settle(decoded, chunk, language, prompt, context, beam)
+                        decoded = self.decode(chunk, language, prompt, frames, context, beam, **options)
+                    decoded = self._settle(decoded, chunk, language, prompt, context, beam, **options)
                     if not self._is_silence(decoded):
-                        heard.append(decoded)
+                        heard.append((decoded, offset))
                         prompt = decoded.text
                         context = MAX_CONTEXT
+                    offset += chunk.size
             except Exception as exc:  # noqa: BLE001  # one request's failure stays in its slot
                 results[slot] = exc
             else:
@@ -276,12 +293,13 @@ class WhisperEngine:
         """The request's first window, with its context audio in front where it fits."""
         audio = chunks[0]
         frames, with_context = self._window_frames(request, audio.size / SAMPLE_RATE, len(chunks), kind)
+        options = {"beam": self._beam(kind), "task": request.task, "words": request.word_timestamps}
         if with_context:
             context = request.context_audio
             assert context is not None
             return _Window(np.concatenate((context, audio)), language, request.prompt, frames, self.context_tokens,
-                           prefix=request.context_text, context_samples=context.size, beam=self._beam(kind))
-        return _Window(audio, language, request.prompt, frames, self.context_tokens, beam=self._beam(kind))
+                           prefix=request.context_text, context_samples=context.size, **options)
+        return _Window(audio, language, request.prompt, frames, self.context_tokens, **options)
 
     def uses_context(self, request: TranscriptionRequest, chunks: int, kind: str) -> bool:
         """Whether the request's context audio goes in front of its first window.
@@ -289,10 +307,13 @@ class WhisperEngine:
         Only for finals with the full-window policy (a window grown by context
         would make partials slower), only when the turn fits one window, and
         only whole: cutting the context would part it from its transcript.
+        Never with word timestamps: the words are aligned from the decoder's
+        start, which the forced context transcript would move.
         """
         context = request.context_audio
         return (
-            context is not None
+            not request.word_timestamps
+            and context is not None
             and context.size > 0
             and chunks == 1
             and self.policy.frames(request.seconds, kind) >= FULL_FRAMES
@@ -317,28 +338,32 @@ class WhisperEngine:
         return self._window_frames(request, min(request.seconds, limit), chunks, kind)[0]
 
     def _settle(
-        self, decoded: _Decoded, chunk: np.ndarray, language: str | None, prompt: str | None, context: int, beam: int
+        self, decoded: _Decoded, chunk: np.ndarray, language: str | None, prompt: str | None, context: int, beam: int,
+        *, task: str = "transcribe", words: bool = False,
     ) -> _Decoded:
         """Second opinion for a looping short window, then cut what still loops."""
         if decoded.looping and decoded.frames < FULL_FRAMES:
             # Short windows occasionally make the decoder repeat itself instead of
             # ending; the full 30 s window it was trained on rarely does.
             self.fallbacks += 1
-            decoded = self.decode(chunk, language, prompt, FULL_FRAMES, context, beam)
+            decoded = self.decode(chunk, language, prompt, FULL_FRAMES, context, beam, task=task, words=words)
         if decoded.runaway:
             text = collapse_repeats(decoded.text)
-            decoded = replace(decoded, text=text, compression_ratio=compression_ratio(text))
+            # the words said before the loop was cut keep their times
+            decoded = replace(decoded, text=text, compression_ratio=compression_ratio(text),
+                              words=decoded.words[:len(text.split())])
         return decoded
 
     def _result(
         self,
         request: TranscriptionRequest,
-        heard: list[_Decoded],
+        windows: list[tuple[_Decoded, int]],
         language: str | None,
         model_name: str,
         started: float,
     ) -> TranscriptionResult:
         elapsed = time.perf_counter() - started
+        heard = [decoded for decoded, _ in windows]
         if not heard:
             return TranscriptionResult(
                 text="",
@@ -355,6 +380,10 @@ class WhisperEngine:
         text = " ".join(d.text for d in heard)
         tokens = sum(d.tokens for d in heard) or 1
         first = heard[0]
+        words = tuple(
+            replace(w, start=round(w.start + offset / SAMPLE_RATE, 3), end=round(w.end + offset / SAMPLE_RATE, 3))
+            for decoded, offset in windows for w in decoded.words
+        )
         return TranscriptionResult(
             text=text,
             language=first.language,
@@ -366,6 +395,7 @@ class WhisperEngine:
             processing_seconds=elapsed,
             model=model_name,
             silence=False,
+            words=words,
         )
 
     def decode(
@@ -376,21 +406,26 @@ class WhisperEngine:
         frames: int,
         context: int = MAX_CONTEXT,
         beam: int = 1,
+        *,
+        task: str = "transcribe",
+        words: bool = False,
     ) -> _Decoded:
         """One greedy (or beam) pass over at most one window (``frames`` mel frames) of audio."""
-        return self.decode_batch([_Window(audio, language, prompt, frames, context, beam=beam)])[0]
+        return self.decode_batch([_Window(audio, language, prompt, frames, context, beam=beam, task=task,
+                                          words=words)])[0]
 
     def decode_batch(self, windows: Sequence[_Window]) -> list[_Decoded]:
         """Decode windows together where CTranslate2 allows it, results in input order.
 
         One ``encode`` + one ``generate`` per group of windows with the same
         frame count (one input tensor) and the same number of prompt tokens
-        (CTranslate2 requires <|startoftranscript|> at the same position).
+        (CTranslate2 requires <|startoftranscript|> at the same position);
+        windows whose words are aligned are grouped apart from the others.
         """
         previous = [self.previous_tokens(w.prompt, w.context) for w in windows]
-        groups: dict[tuple[int, int, int], list[int]] = {}
+        groups: dict[tuple[int, int, int, bool], list[int]] = {}
         for i, w in enumerate(windows):
-            groups.setdefault((w.frames, len(previous[i]), w.beam), []).append(i)
+            groups.setdefault((w.frames, len(previous[i]), w.beam, w.words), []).append(i)
         decoded: list[_Decoded | None] = [None] * len(windows)
         for members in groups.values():
             for i, d in zip(members, self._decode_group([windows[i] for i in members], [previous[i] for i in members])):
@@ -438,7 +473,8 @@ class WhisperEngine:
                 if languages[i] is None:
                     token, language_probabilities[i] = detected[0]
                     languages[i] = token[2:-2]
-        tokenizers = [self._tokenizer(language) for language in languages]  # type: ignore[arg-type]
+        tokenizers = [self._tokenizer(language, w.task)  # type: ignore[arg-type]
+                      for language, w in zip(languages, windows)]
         prefixes = [self.tokens(w.prefix) for w in windows]
         prompts = [model.get_prompt(t, p, without_timestamps=True) + f for t, p, f in zip(tokenizers, previous, prefixes)]
         # Real speech stays well under 10 tokens/s; the cap stops a looping decoder early.
@@ -457,7 +493,8 @@ class WhisperEngine:
             suppress_blank=True,
             suppress_tokens=list(get_suppressed_tokens(tokenizers[0], [-1])),
         )
-        out = []
+        out: list[_Decoded] = []
+        aligned: dict[int, list[int]] = {}  # windows whose words to align, once all are decoded: their tokens
         for i, result in enumerate(results):
             tokens = result.sequences_ids[0][len(prefixes[i]) :]  # the result repeats the forced prefix
             if caps[i] < max_length and len(tokens) >= (caps[i] - len(prompts[i])) // 2:
@@ -486,7 +523,63 @@ class WhisperEngine:
                     compression_ratio=ratio,
                 )
             )
+            if windows[i].words:
+                aligned[i] = [t for t in tokens if t < tokenizers[i].eot]
+        if aligned:
+            self._align(windows, features, encoder_output, tokenizers, out, aligned)
         return out
+
+    def _align(self, windows: Sequence[_Window], features: np.ndarray, encoder_output, tokenizers: list,
+               out: list[_Decoded], tokens_of: dict[int, list[int]]) -> None:
+        """Word timings (``out[i].words``) of the decoded windows in ``tokens_of``, from their text tokens.
+
+        CTranslate2 aligns a batch against one start sequence, so windows are
+        aligned together per language and task; a subset of the batch is
+        encoded again (only when one batch mixes detected languages).
+        """
+        from faster_whisper.transcribe import merge_punctuations
+
+        hop = self.model.feature_extractor.hop_length
+        by_start: dict[tuple[int, ...], list[int]] = {}
+        for i, tokens in tokens_of.items():
+            if tokens:
+                by_start.setdefault(tuple(tokenizers[i].sot_sequence), []).append(i)
+        for start, members in by_start.items():
+            tokenizer = tokenizers[members[0]]
+            tokens = [tokens_of[i] for i in members]
+            encoded = encoder_output if len(members) == len(windows) else self.model.encode(features[members])
+            frames = [max(1, min(windows[i].frames, -(-windows[i].audio.size // hop))) for i in members]
+            alignments = self.generator.align(encoded, list(start), tokens, frames)
+            for i, text_tokens, alignment in zip(members, tokens, alignments):
+                timings = _word_timings(tokenizer, text_tokens, alignment, self.model.tokens_per_second)
+                merge_punctuations(timings, _PREPEND_PUNCTUATIONS, _APPEND_PUNCTUATIONS)
+                limit = windows[i].audio.size / SAMPLE_RATE
+                out[i].words = tuple(
+                    Word(t["word"], round(min(float(t["start"]), limit), 3), round(min(float(t["end"]), limit), 3),
+                         round(float(t["probability"]), 4))
+                    for t in timings if t["word"]
+                )
 
     def _is_silence(self, d: _Decoded) -> bool:
         return is_silence(d.text, d.avg_logprob, d.no_speech_prob, d.compression_ratio, self.guard)
+
+
+def _word_timings(tokenizer, text_tokens: list[int], alignment, tokens_per_second: float) -> list[dict]:
+    """faster-whisper's ``find_alignment`` for one alignment result: the words of ``text_tokens``
+    with start, end (seconds from the window's start) and mean token probability."""
+    text_indices = np.array([pair[0] for pair in alignment.alignments])
+    time_indices = np.array([pair[1] for pair in alignment.alignments])
+    words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+    if len(word_tokens) <= 1 or text_indices.size == 0:
+        return []
+    boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
+    jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
+    jump_times = time_indices[jumps] / tokens_per_second
+    if jump_times.size <= boundaries[-1]:
+        return []
+    probabilities = alignment.text_token_probs
+    return [
+        {"word": word, "tokens": tokens, "start": jump_times[a], "end": jump_times[b],
+         "probability": float(np.mean(probabilities[a:b])) if b > a else 0.0}
+        for word, tokens, a, b in zip(words, word_tokens, boundaries[:-1], boundaries[1:])
+    ]
