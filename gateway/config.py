@@ -132,6 +132,7 @@ class Settings:
     api_sessions_per_token: int = 50  # open streaming sessions per token; max_calls bounds all of them
     api_max_upload_mb: int = 200  # largest file POST /v1/audio/transcriptions takes
     twilio_auth_token: str = ""  # Twilio account's auth token: accept streams signed by Twilio (X-Twilio-Signature)
+    webrtc_ice_servers: str = ""  # WHIP: STUN/TURN URLs, comma-separated; empty: host candidates only (no lookups)
     # process
     event_loop: str = "auto"  # auto: uvloop if installed, else asyncio; or "asyncio" / "uvloop"
     # routing and logging
@@ -191,6 +192,9 @@ class Settings:
         _check(self.asr_backend != "openai" or self.asr_openai_url.startswith(("http://", "https://")),
                "asr_openai_url", "must be an http:// or https:// base URL (e.g. http://host:8000/v1) "
                "when asr_backend is openai")
+        _check(all(url.strip().startswith(("stun:", "stuns:", "turn:", "turns:"))
+                   for url in self.webrtc_ice_servers.split(",") if url.strip()),
+               "webrtc_ice_servers", "must be stun: / turn: URLs, comma-separated (e.g. stun:stun.example.com:3478)")
         _check(0 <= self.worker_http_port <= 65535, "worker_http_port", "must be 0..65535")
         _check(self.asr_workers >= 1, "asr_workers", "must be at least 1")
         _check(self.asr_max_batch >= 1, "asr_max_batch", "must be at least 1")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -217,6 +218,7 @@ class LegPipeline:
         self._manual_start = 0  # first 8 kHz sample of the uncommitted buffer (manual turns)
         self._manual_turn = 0
         self._fed = 0  # 8 kHz samples fed (chunked or pending)
+        self._cleared_through = 0  # chunks (by index) that a clear() turned into silence
         # manual turns on a telephone-rate leg: the 8 kHz audio since the last commit
         self._manual_audio = SampleHistory(int(turn_config.max_turn_s * SAMPLE_RATE) + CHUNK) \
             if manual_turns and not wideband else None
@@ -264,6 +266,9 @@ class LegPipeline:
         if self.manual_turns:
             self._manual_start = self._fed
             return
+        # chunks already appended but not yet through the VAD belong to the cleared buffer too
+        self._cleared_through = self._processed + len(self._inflight) + len(self._ready)
+        self._pending[:] = bytes(len(self._pending))  # and the part of a chunk not yet complete
         for event in self._detector.flush():
             if isinstance(event, (TurnFinal, TurnDiscarded)):
                 self._cancel_speculation(event.turn)
@@ -299,6 +304,8 @@ class LegPipeline:
     def on_vad(self, chunk: np.ndarray, probability: float) -> None:
         arrival = self._inflight.popleft() if self._inflight else self._clock()
         self._arrivals.append(arrival)
+        if self._processed < self._cleared_through:
+            probability = 0.0  # appended before a clear: heard as silence, so the timeline stays exact
         self._processed += 1
         for event in self._detector.feed(chunk, probability):
             self._handle(event)
@@ -590,14 +597,19 @@ class LegPipeline:
                 log.exception("final publication failed for %s", self.key)
 
 
+def _measure(value: float, digits: int) -> float | None:
+    """A confidence figure for the event; None (left out) when ASR gave no finite one, which JSON cannot carry."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
 def _result_fields(result: TranscriptionResult) -> dict[str, object]:
     return {
-        "language": result.language,
+        "language": result.language or None,
         "confidence": {
-            "avg_logprob": round(result.avg_logprob, 4),
-            "no_speech_prob": round(result.no_speech_prob, 4),
-            "compression_ratio": round(result.compression_ratio, 3),
-            "language_probability": round(result.language_probability, 4),
+            "avg_logprob": _measure(result.avg_logprob, 4),
+            "no_speech_prob": _measure(result.no_speech_prob, 4),
+            "compression_ratio": _measure(result.compression_ratio, 3),
+            "language_probability": _measure(result.language_probability, 4),
         },
         "asr": {
             "model": result.model,

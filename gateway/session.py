@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .events import CALL_ENDED, CALL_STARTED, DTMF, CallInfo, Event, EventFactory, Source
+from .events import CALL_ENDED, CALL_STARTED, DTMF, CallInfo, Event, EventError, EventFactory, Source
 from .media.turn import TurnConfig
 from .pipeline import LegObservation, LegPipeline
 
@@ -141,14 +141,21 @@ class SessionHost:
              tags: tuple[str, ...] = (), started: dict[str, Any] | None = None,
              turn_config: TurnConfig | None = None, partials: bool | None = None,
              observer: Callable[[LegObservation], None] | None = None,
-             listeners: list[Callable[[Event], None]] | None = None) -> Session:
-        """A new session with its legs registered for VAD, and its ``call.started`` published."""
+             listeners: list[Callable[[Event], None]] | None = None,
+             session_id: str | None = None) -> Session:
+        """A new session with its legs registered for VAD, and its ``call.started`` published.
+
+        ``session_id`` (the call id) is for a source that must name the session before it
+        opens (WHIP's resource URL carries it); by default a fresh UUID.
+        """
         if self.draining:
             raise SessionLimit("draining")
         if self._capacity() <= 0:
             raise SessionLimit("capacity")
         s = self.settings
-        session_id = str(uuid.uuid4())
+        session_id = session_id or str(uuid.uuid4())
+        if session_id in self.sessions:
+            raise ValueError(f"session {session_id} is already open")
         info = CallInfo(call_id=session_id, started_at=time.time(), tags=tuple(tags), source=source)
         events = EventFactory(info)
         config = turn_config or self.turn_config
@@ -195,13 +202,19 @@ class SessionHost:
             for pipeline in session.legs.values():
                 self.vad_runner.unregister(pipeline)
             await asyncio.gather(*(pipeline.close() for pipeline in session.legs.values()))
-            session.publish(session.events.make(CALL_ENDED, {
+            ended = {
                 "reason": reason,
                 "duration_ms": round((time.monotonic() - session.opened_at) * 1000),
                 "turns": sum(p.turns_published for p in session.legs.values()),
                 "dtmf": session.dtmf_count,
-                **extra,
-            }))
+            }
+            try:
+                event = session.events.make(CALL_ENDED, {**ended, **extra})
+            except EventError as exc:
+                # a producer's bad extra field must not cost the session its last event
+                log.error("session %s: call.ended without its extra fields: %s", session.id, exc)
+                event = session.events.make(CALL_ENDED, ended)
+            session.publish(event)
         except Exception:
             log.exception("error while ending session %s", session.id)
         finally:

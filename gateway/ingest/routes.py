@@ -29,5 +29,9 @@ class ApiContext:
 
 
 def api_routes(api: ApiContext) -> list[BaseRoute]:
-    routes: list[BaseRoute] = []
-    return routes
+    """Every API's routes. The modules are imported here, not at the top: the gateway imports
+    this only when ``api_enabled`` (aiortc itself waits for the first WHIP offer)."""
+    from . import rest, twilio, webrtc
+    from .realtime import endpoint as realtime
+
+    return [*rest.routes(api), *realtime.routes(api), *twilio.routes(api), *webrtc.routes(api)]
