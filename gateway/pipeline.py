@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -129,7 +130,16 @@ class TurnDropped:
     reason: str  # "too-short", "no-speech", "cleared"
 
 
-LegObservation = SpeechStarted | SpeechStopped | TurnPublished | TurnDropped
+@dataclass(frozen=True)
+class TurnEndHeard:
+    """The VAD reached the point of an :meth:`LegPipeline.end_turn`: ``turn`` is the turn it
+    ended there (its SpeechStopped came just before), None when no turn was open."""
+
+    leg: str
+    turn: int | None
+
+
+LegObservation = SpeechStarted | SpeechStopped | TurnPublished | TurnDropped | TurnEndHeard
 
 
 @dataclass
@@ -219,6 +229,7 @@ class LegPipeline:
         self._manual_turn = 0
         self._fed = 0  # 8 kHz samples fed (chunked or pending)
         self._cleared_through = 0  # chunks (by index) that a clear() turned into silence
+        self._turn_ends: collections.deque[int] = collections.deque()  # chunk counts where end_turn() cuts
         # manual turns on a telephone-rate leg: the 8 kHz audio since the last commit
         self._manual_audio = SampleHistory(int(turn_config.max_turn_s * SAMPLE_RATE) + CHUNK) \
             if manual_turns and not wideband else None
@@ -309,6 +320,28 @@ class LegPipeline:
         self._processed += 1
         for event in self._detector.feed(chunk, probability):
             self._handle(event)
+        self._end_turns_due()
+
+    def end_turn(self) -> None:
+        """Turn detection on: end the open turn (reason ``commit``) right after the last complete
+        chunk appended so far, once the VAD has heard it; a client's "transcribe what I sent now".
+        Audio appended after this call belongs to the next turn. :class:`TurnEndHeard` follows."""
+        if self.manual_turns:
+            raise RuntimeError("end_turn() is for legs with turn detection; use commit()")
+        self._turn_ends.append(self._processed + len(self._inflight) + len(self._ready))
+        self._end_turns_due()
+
+    def _end_turns_due(self) -> None:
+        while self._turn_ends and self._processed >= self._turn_ends[0]:
+            self._turn_ends.popleft()
+            ended: int | None = None
+            for event in self._detector.flush():
+                if isinstance(event, TurnFinal):
+                    event = dataclasses.replace(event, reason="commit")
+                if isinstance(event, (TurnFinal, TurnDiscarded)):
+                    ended = event.turn  # a discarded one is reported as TurnDropped just before
+                self._handle(event)
+            self._observe(TurnEndHeard(self.leg, ended))
 
     @property
     def has_backlog(self) -> bool:

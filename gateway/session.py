@@ -89,6 +89,11 @@ class Session:
     def commit(self, leg: str, now: float) -> int | None:
         return None if self.ended else self.legs[leg].commit(now)
 
+    def end_turn(self, leg: str) -> None:
+        """Turn detection on: end the open turn after the audio fed so far (see LegPipeline.end_turn)."""
+        if not self.ended:
+            self.legs[leg].end_turn()
+
     def clear(self, leg: str) -> None:
         if not self.ended:
             self.legs[leg].clear()

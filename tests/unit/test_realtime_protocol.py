@@ -17,6 +17,7 @@ from gateway.ingest.realtime.protocol import (
     Clear,
     Commit,
     EndSession,
+    EndTurn,
     FeedNarrow,
     FeedWideband,
     OpenSession,
@@ -27,7 +28,7 @@ from gateway.ingest.realtime.protocol import (
 )
 from gateway.media import g711
 from gateway.media.turn import TurnConfig
-from gateway.pipeline import SpeechStarted, SpeechStopped, TurnDropped, TurnPublished
+from gateway.pipeline import SpeechStarted, SpeechStopped, TurnDropped, TurnEndHeard, TurnPublished
 
 #: the gateway's defaults (config.py): a 100 ms speculative final and tail
 BASE = TurnConfig(silence_ms=500, pad_before_ms=300, pad_after_ms=100, speculative_ms=100)
@@ -523,21 +524,28 @@ def test_commit_the_session_refused_is_an_error():
 
 # -- generations: reconfiguration and server-VAD commits ------------------------------------
 
-def test_vad_commit_ends_the_session_generation_and_the_next_audio_opens_another():
+def test_vad_commit_ends_the_open_turn_in_the_same_session():
     conn = vad_session()
     item = conn.observe(SpeechStarted("caller", 0, 300), 0)[0].fields["item_id"]
-    out = send(conn, {"type": "input_audio_buffer.commit"})
-    assert isinstance(out[0], FeedWideband)  # the resampler's tail goes in before the end
-    assert out[-1] == EndSession(0, "commit") and conn.generation == 1
-    # the old generation's turn still completes
+    assert send(conn, {"type": "input_audio_buffer.commit"}) == [EndTurn(0)]
+    assert conn.generation == 0  # the Earshot session goes on
+    # the leg ends the turn: stopped + committed, the final completes the same item
     stopped = conn.observe(SpeechStopped("caller", 0, 1000), 0)
+    assert [e.type for e in stopped] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
     assert stopped[0].fields["item_id"] == item
+    assert conn.observe(TurnEndHeard("caller", 0), 0) == []
     assert conn.observe(final(0, "flushed"), 0)[-1].fields["transcript"] == "flushed"
-    # the next audio opens generation 1, its offsets continuing the session's audio clock
-    opened = send(conn, append(pcm24(100)))[0]
-    assert isinstance(opened, OpenSession) and opened.generation == 1
-    second = conn.observe(SpeechStarted("caller", 0, 20), 1)[0].fields
-    assert second["audio_start_ms"] == 1020 and second["item_id"] != item
+    # nothing appended since: a second commit is an error
+    error = only_error(send(conn, {"type": "input_audio_buffer.commit"}))
+    assert error["code"] == "input_audio_buffer_commit_empty"
+    # more audio, then a commit while no turn is open: an item with an empty transcript
+    assert [type(a) for a in send(conn, append(pcm24(100)))] == [FeedWideband]
+    assert send(conn, {"type": "input_audio_buffer.commit"}) == [EndTurn(0)]
+    out = [e.to_wire() for e in conn.observe(TurnEndHeard("caller", None), 0)]
+    assert [e["type"] for e in out] == ["input_audio_buffer.committed",
+                                        "conversation.item.input_audio_transcription.completed"]
+    assert out[0]["previous_item_id"] == item and out[1]["transcript"] == ""
+    assert out[0]["item_id"] == out[1]["item_id"] != item
 
 
 def test_update_that_changes_the_media_after_audio_starts_a_new_generation():

@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.events import Source
 from gateway.media.vad import BatchedVadRunner, SileroVad
 from gateway.media.wideband import Decimator, SampleHistory, StreamResampler
-from gateway.pipeline import SpeechStarted, SpeechStopped, TurnDropped, TurnPublished
+from gateway.pipeline import SpeechStarted, SpeechStopped, TurnDropped, TurnEndHeard, TurnPublished
 from gateway.session import LegSpec, SessionHost, SessionLimit
 from tests.fixtures_data import read_pcm16
 
@@ -181,3 +181,37 @@ def test_stream_resampler_keeps_the_duration_of_24_khz_audio():
     assert abs(out.size - 32_000) <= 32
     with pytest.raises(ValueError):
         StreamResampler(4000)
+
+
+async def test_end_turn_cuts_the_open_turn_after_the_audio_fed_so_far(host):
+    pcm, _ = read_pcm16(FIXTURE)
+    observed: list = []
+    session = host.open(Source("realtime"), [LegSpec("caller")], observer=observed.append)
+    # feed until the VAD has opened a turn and 0.4 s more, then ask for the turn to end there
+    started_at = None
+    for i in range(0, len(pcm), 320):
+        session.feed("caller", pcm[i:i + 320], time.monotonic())
+        await asyncio.sleep(0.001)
+        if started_at is None and any(isinstance(o, SpeechStarted) for o in observed):
+            started_at = i
+        if started_at is not None and i - started_at >= 6400:
+            break
+    fed_ms = (i + 320) // 16
+    session.end_turn("caller")
+    for _ in range(200):
+        if any(isinstance(o, TurnEndHeard) for o in observed):
+            break
+        await asyncio.sleep(0.01)
+    heard = [o for o in observed if isinstance(o, TurnEndHeard)]
+    assert heard == [TurnEndHeard("caller", 0)]
+    stopped = [o for o in observed if isinstance(o, SpeechStopped)]
+    assert [o.turn for o in stopped] == [0]
+    assert observed.index(stopped[0]) < observed.index(heard[0])
+    assert stopped[0].audio_end_ms <= fed_ms
+    # nothing open now: a second end_turn ends nothing
+    session.end_turn("caller")
+    assert [o for o in observed if isinstance(o, TurnEndHeard)][-1] == TurnEndHeard("caller", None)
+    await session.end("client-closed")
+    finals = _finals(host.published)
+    assert finals[0].data["reason"] == "commit"
+    assert finals[0].data["end_ms"] <= fed_ms

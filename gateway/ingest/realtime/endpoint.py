@@ -32,6 +32,7 @@ from .protocol import (
     Clear,
     Commit,
     EndSession,
+    EndTurn,
     FeedNarrow,
     FeedWideband,
     OpenSession,
@@ -180,6 +181,8 @@ class _Link:
             session.feed(LEG, action.pcm, action.now)
         elif isinstance(action, Commit):
             self.execute(self.conn.committed(action.generation, session.commit(LEG, action.now)))
+        elif isinstance(action, EndTurn):
+            session.end_turn(LEG)
         elif isinstance(action, Clear):
             session.clear(LEG)
         elif isinstance(action, EndSession):

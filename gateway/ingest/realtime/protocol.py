@@ -46,7 +46,7 @@ import numpy as np
 from ...media import g711
 from ...media.turn import MIN_MAX_TURN_S, TurnConfig
 from ...media.wideband import StreamResampler
-from ...pipeline import LegObservation, SpeechStarted, SpeechStopped, TurnDropped, TurnPublished
+from ...pipeline import LegObservation, SpeechStarted, SpeechStopped, TurnDropped, TurnEndHeard, TurnPublished
 
 __all__ = [
     "Action",
@@ -243,6 +243,13 @@ class Commit:
 
 
 @dataclass(frozen=True)
+class EndTurn:
+    """Server VAD: ``Session.end_turn`` (a client commit); a TurnEndHeard observation follows."""
+
+    generation: int
+
+
+@dataclass(frozen=True)
 class Clear:
     generation: int
 
@@ -255,7 +262,7 @@ class EndSession:
     reason: str
 
 
-Action = Union[OpenSession, FeedNarrow, FeedWideband, Commit, Clear, EndSession]
+Action = Union[OpenSession, FeedNarrow, FeedWideband, Commit, EndTurn, Clear, EndSession]
 Output = Union[ServerEvent, Action]
 
 
@@ -373,8 +380,16 @@ class RealtimeConnection:
             item.start_ms = round(gen.base_ms + observation.audio_start_ms)
             return [self._event("input_audio_buffer.speech_started", audio_start_ms=item.start_ms, item_id=item.id)]
         if isinstance(observation, SpeechStopped):
+            gen.pending = 0  # the server committed the buffer
             item = self._item(gen, observation.turn)
             return self._stop(item, round(gen.base_ms + observation.audio_end_ms))
+        if isinstance(observation, TurnEndHeard):
+            if observation.turn is not None:
+                return []  # the turn it ended was reported as stopped (or dropped) just before
+            # the committed audio held no open turn: an item with an empty transcript, as OpenAI's
+            item = _Item(self._ids("item"), start_ms=round(gen.base_ms + gen.ms))
+            item.stopped = True
+            return self._complete(item, "", {"text": ""})
         if isinstance(observation, TurnPublished):
             return self._published(gen, observation)
         if isinstance(observation, TurnDropped):
@@ -493,14 +508,15 @@ class RealtimeConnection:
                     f"Error committing input audio buffer: buffer too small. Expected at least {MIN_COMMIT_MS}ms "
                     f"of audio, but buffer only has {pending_ms:.2f}ms of audio.")
             return [Commit(gen.index, now)]
-        # Server VAD commits turns itself; a client commit means "transcribe what I sent, now"
-        # (Together's clients send one at the end of a file): end this Earshot session, which
-        # finalises any open turn, and open a new one on the next audio.
-        if not gen.opened or gen.samples == 0:
+        # Server VAD ends turns itself; a client commit means "transcribe what I sent, now"
+        # (Together's clients send one at the end of a file): the leg ends its open turn right
+        # after the audio appended so far (reason commit) and says so with TurnEndHeard.
+        if not gen.opened or gen.pending == 0:
             raise ProtocolError("input_audio_buffer_commit_empty",
                                 "Error committing input audio buffer: no audio has been appended since the "
                                 "last commit.")
-        return list(self._end_generation("commit", now))
+        gen.pending = 0
+        return [EndTurn(gen.index)]
 
     def _on_clear(self, event: dict[str, Any], now: float) -> list[Output]:
         gen = self._gen
