@@ -24,15 +24,14 @@ from .asr.interface import Transcriber, TranscriptionResult
 from .call import Call
 from .config import Settings
 from .dialplan import Dialplan, Route, load_dialplan
-from .events import CALL_ENDED, CALL_STARTED, TURN_FINAL, CallInfo, Event, EventFactory, Source
+from .events import SIP_KINDS, TURN_FINAL, Event, Source
 from .http import HttpServer, build_app
 from .media.turn import TurnConfig
 from .media.vad import BatchedVadRunner, SileroVad
 from .metrics import Metrics
-from .pipeline import LegPipeline
 from .presence import Heartbeat, default_instance_id, read_presence
 from .publisher import Publisher
-from .session import SessionHost
+from .session import LegSpec, SessionHost
 from .rtp.receiver import RtpReceiver
 from .rtp.transport import NoFreePortError, RtpPortAllocator, open_rtp_socket
 from .sip.events import (
@@ -272,7 +271,10 @@ class Gateway:
             await asyncio.gather(*self._ending.values(), return_exceptions=True)
 
     def _api_sessions(self) -> int:
-        return len(self.sessions.sessions) if self.sessions is not None else 0
+        """Open sessions that are not SIP calls (those are counted in ``calls``)."""
+        if self.sessions is None:
+            return 0
+        return sum(1 for session in self.sessions.sessions.values() if session.source.kind not in SIP_KINDS)
 
     def _free_slots(self) -> int:
         """Call slots left: SIP calls (answered or being set up) and API sessions share max_calls."""
@@ -405,28 +407,25 @@ class Gateway:
             rtp_socket.close()
             return
         self.sip.flush()
-        assert self.vad_runner is not None
-        self.vad_runner.register(call.pipeline)
         self.metrics.calls.labels("answered").inc()
-        self.publisher.publish(call.events.make(CALL_STARTED, {
+        assert self.sessions is not None
+        started: dict[str, Any] = {
             "codec": media.codec,
-            "remote_media": f"{media.remote_host}:{media.remote_port}" if offer is not None else None,
             "local_media_port": rtp_socket.port,
             "transport": event.peer.transport,
             "dialplan_rule": route.rule,
-            "language": call.language,
-            "legs": [route.leg],
-        }))
+        }
+        if offer is not None:
+            started["remote_media"] = f"{media.remote_host}:{media.remote_port}"
+        sip_call_id = request.headers.get("Call-ID") or ""
+        call.session = self.sessions.open(
+            Source("sip", (("call_id", sip_call_id), ("transport", event.peer.transport))), [LegSpec(route.leg)],
+            session_id=call.call_id, sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri,
+            language=call.language, tags=route.tags, started=started, origin_ms=call.origin_ms, admit=False)
 
     def _make_call(self, event: IncomingCall, route: Route, media: "_Media", port: int,
                    session_id: int, from_uri: str, to_uri: str) -> Call:
         s = self.settings
-        call_id = str(uuid.uuid4())
-        sip_call_id = event.request.headers.get("Call-ID") or ""
-        info = CallInfo(call_id=call_id, sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri,
-                        started_at=time.time(), tags=route.tags,
-                        source=Source("sip", (("call_id", sip_call_id), ("transport", event.peer.transport))))
-        events = EventFactory(info)
         receiver = RtpReceiver(
             expected_host=media.remote_host,
             expected_port=media.remote_port,
@@ -435,44 +434,19 @@ class Gateway:
             jitter_delay=s.rtp_jitter_ms / 1000.0,
             signalling_host=event.peer.host,
         )
-        language = route.language or s.asr_language or None
-        assert self.transcriber is not None
-        holder: list[Call] = []
-        pipeline = LegPipeline(
-            key=f"{call_id}/{route.leg}",
-            leg=route.leg,
-            events=events,
-            publish=self.publisher.publish,
-            transcriber=self.transcriber,
-            turn_config=turn_config(s),
-            language=language,
-            resampler=s.resampler,
-            partials=partials_enabled(s),
-            context=s.asr_context_tokens > 0 or s.asr_context_audio_s > 0,
-            context_audio_s=s.asr_context_audio_s,
-            origin_ms=lambda: holder[0].origin_ms(),
-            on_final=self._on_final,
-            session=call_id,
-            final_timeout_s=s.asr_final_timeout_s,
-            partial_timeout_s=s.asr_partial_timeout_s,
-        )
-        call = Call(
-            call_id=call_id,
+        return Call(
+            call_id=str(uuid.uuid4()),
             dialog_id=event.dialog_id,
-            events=events,
+            leg=route.leg,
             receiver=receiver,
-            pipeline=pipeline,
-            publish=self.publisher.publish,
             answered_at=time.monotonic(),
             local_port=port,
             codec=media.codec,
             session_id=session_id,
-            language=language,
+            language=route.language or s.asr_language or None,
             on_hold=media.on_hold,
             clock=time.monotonic,
         )
-        holder.append(call)
-        return call
 
     def _on_confirmed(self, event: CallConfirmed) -> None:
         call = self.calls.get(event.dialog_id)
@@ -545,29 +519,20 @@ class Gateway:
         try:
             if call.socket is not None:
                 call.socket.close()
-            now = time.monotonic()
-            call.flush_media(now)
-            assert self.vad_runner is not None
-            await self.vad_runner.drain()
-            self.vad_runner.unregister(call.pipeline)
-            await call.pipeline.close()
+            call.flush_media(time.monotonic())
             stats = call.receiver.stats
             for name in RTP_TOTALS:
                 self._ended_rtp[name] = self._ended_rtp.get(name, 0) + getattr(stats, name)
-            self.publisher.publish(call.events.make(CALL_ENDED, {
-                "reason": reason,
-                "duration_ms": round((time.monotonic() - call.answered_at) * 1000),
-                "turns": call.pipeline.turns_published,
-                "dtmf": call.dtmf_count,
-                "rtp": {
+            if call.session is not None:
+                # the leg's open speech is finalised and its finals published before call.ended
+                await call.session.end(reason, {"rtp": {
                     "packets": stats.packets,
                     "lost": stats.lost_packets,
                     "late": stats.late,
                     "duplicates": stats.duplicates,
                     "foreign_dropped": stats.foreign_dropped,
                     "malformed": stats.malformed,
-                },
-            }))
+                }})
             self.metrics.calls.labels(f"ended-{reason}").inc()
         except Exception:
             log.exception("error while ending call %s", call.call_id)

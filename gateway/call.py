@@ -1,7 +1,8 @@
-"""One answered call: its SIP dialog, RTP socket, receiver and leg pipeline.
+"""One answered call: its SIP dialog, RTP socket and receiver, and the session they feed.
 
 The gateway owns the life cycle (answer, re-INVITE, end); this class holds the
-per-call state and moves RTP datagrams into the pipeline.
+per-call SIP and RTP state and moves decoded RTP audio and digits into the call's
+:class:`~gateway.session.Session` (one leg), as every other ingest does.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .events import DTMF, Event, EventFactory
 from .sdp import SessionDescription
-from .pipeline import LegPipeline
 from .rtp.dtmf import DtmfEvent
 from .rtp.receiver import AudioChunk, RtpReceiver
 from .rtp.transport import RtpSocket
+from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,8 @@ log = logging.getLogger(__name__)
 class Call:
     call_id: str
     dialog_id: str
-    events: EventFactory
+    leg: str
     receiver: RtpReceiver
-    pipeline: LegPipeline
-    publish: Callable[[Event], None]
     answered_at: float  # monotonic
     local_port: int
     codec: str
@@ -40,7 +38,7 @@ class Call:
     ending: bool = False
     first_packet_at: float | None = None
     sdp_version: int = 1
-    dtmf_count: int = 0
+    session: Session | None = None  # opened when the call is answered
     clock: Callable[[], float] = field(default=lambda: 0.0)
 
     def origin_ms(self) -> float:
@@ -50,7 +48,7 @@ class Call:
         return (self.first_packet_at - self.answered_at) * 1000.0
 
     def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
-        if self.ending:
+        if self.ending or self.session is None:
             return
         now = self.clock()
         if self.first_packet_at is None:
@@ -58,28 +56,25 @@ class Call:
         self._dispatch(self.receiver.receive(data, source, now), now)
 
     def poll(self, now: float) -> None:
-        if not self.ending:
+        if not self.ending and self.session is not None:
             self._dispatch(self.receiver.poll(now), now)
 
     def flush_media(self, now: float) -> None:
-        self._dispatch(self.receiver.flush(), now)
-        self.pipeline.finish_input(now)
+        """What the jitter buffer still holds goes to the session (which ends the leg's input)."""
+        if self.session is not None:
+            self._dispatch(self.receiver.flush(), now)
 
     def last_media_at(self) -> float:
         last = self.receiver.last_packet_at
         return self.answered_at if last is None else max(last, self.answered_at)
 
     def _dispatch(self, items: list[AudioChunk | DtmfEvent], now: float) -> None:
+        session = self.session
+        assert session is not None
         for item in items:
             if isinstance(item, AudioChunk):
-                self.pipeline.feed_audio(item.pcm, now)
+                session.feed(self.leg, item.pcm, now)
             elif isinstance(item, DtmfEvent):
-                self.dtmf_count += 1
                 # the digit's position: RTP timestamp relative to the receiver's timeline is
-                # not exposed, so use arrival time relative to the answer
-                offset_ms = round((now - self.answered_at) * 1000.0)
-                self.publish(self.events.make(DTMF, {
-                    "digit": item.digit,
-                    "duration_ms": item.duration_ms,
-                    "offset_ms": offset_ms,
-                }, leg=self.pipeline.leg))
+                # not exposed, so its arrival time in the session (opened at the answer)
+                session.dtmf(self.leg, item.digit, item.duration_ms, now)

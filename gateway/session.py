@@ -147,21 +147,26 @@ class SessionHost:
              turn_config: TurnConfig | None = None, partials: bool | None = None,
              observer: Callable[[LegObservation], None] | None = None,
              listeners: list[Callable[[Event], None]] | None = None,
-             session_id: str | None = None) -> Session:
+             session_id: str | None = None, sip_call_id: str = "", from_uri: str = "", to_uri: str = "",
+             origin_ms: Callable[[], float] | None = None, admit: bool = True) -> Session:
         """A new session with its legs registered for VAD, and its ``call.started`` published.
 
         ``session_id`` (the call id) is for a source that must name the session before it
-        opens (WHIP's resource URL carries it); by default a fresh UUID.
+        opens (WHIP's resource URL carries it); by default a fresh UUID. ``sip_call_id``,
+        ``from_uri`` and ``to_uri`` are a SIP session's; ``origin_ms`` places the legs' sample 0
+        in the session (a SIP call's first RTP packet after the answer). ``admit=False``: the
+        caller has already admitted the session (SIP call control answers 503 itself).
         """
-        if self.draining:
+        if admit and self.draining:
             raise SessionLimit("draining")
-        if self._capacity() <= 0:
+        if admit and self._capacity() <= 0:
             raise SessionLimit("capacity")
         s = self.settings
         session_id = session_id or str(uuid.uuid4())
         if session_id in self.sessions:
             raise ValueError(f"session {session_id} is already open")
-        info = CallInfo(call_id=session_id, started_at=time.time(), tags=tuple(tags), source=source)
+        info = CallInfo(call_id=session_id, sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri,
+                        started_at=time.time(), tags=tuple(tags), source=source)
         events = EventFactory(info)
         config = turn_config or self.turn_config
         with_partials = self.partials if partials is None else partials
@@ -187,6 +192,7 @@ class SessionHost:
                 wideband=spec.wideband,
                 manual_turns=spec.manual_turns,
                 observer=observer,
+                **({"origin_ms": origin_ms} if origin_ms is not None else {}),
             )
         for pipeline in session.legs.values():
             self.vad_runner.register(pipeline)
