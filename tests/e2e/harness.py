@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import threading
 import time
 import uuid
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +90,44 @@ def start_gateway(extra_env: dict[str, str] | None = None, ready_timeout: float 
     gw = GatewayProcess(proc, sip_port, http_port, prefix)
     _wait_until_ready(proc, gw.output, "earshot: ready", ready_timeout, gw.stop, "gateway")
     return gw
+
+
+@contextlib.contextmanager
+def running_gateway(extra_env: dict[str, str] | None = None, *, check_exit: bool = True) -> Iterator[GatewayProcess]:
+    """A gateway for the block; afterwards stopped (exit status 0 unless ``check_exit`` is off)
+    and its Redis keys deleted."""
+    gw = start_gateway(extra_env)
+    try:
+        yield gw
+    finally:
+        rc = gw.stop()
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{gw.prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    if check_exit:
+        assert rc == 0, gw.log()
+
+
+def earshot_cli(*args: str, database_url: str, stdin: str = "") -> str:
+    """Run an ``earshot`` command against ``database_url``; its stdout (it must succeed)."""
+    command = ["earshot"] if shutil.which("earshot") else [sys.executable, "-m", "gateway"]
+    done = subprocess.run([*command, *args], input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "EARSHOT_DATABASE_URL": database_url})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def add_user(database_url: str, username: str, password: str, role: str = "admin") -> None:
+    """A dashboard user (the first `users add` also creates a fresh store's schema)."""
+    earshot_cli("users", "add", username, "--role", role, "--password-stdin", database_url=database_url,
+                stdin=password + "\n")
+
+
+def new_token(database_url: str, username: str, name: str) -> str:
+    """An API token of ``username``, as `earshot users token` prints it (last line)."""
+    return earshot_cli("users", "token", username, "--name", name, database_url=database_url).strip().splitlines()[-1]
 
 
 def _wait_until_ready(proc: subprocess.Popen[str], output: list[str], ready_line: str, timeout: float,

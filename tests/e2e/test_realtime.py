@@ -12,18 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from gateway.asr.wer import word_error_rate
-from tests.e2e.harness import REDIS_URL, ROOT, GatewayProcess, read_events, start_gateway
+from tests.e2e.harness import GatewayProcess, add_user, new_token, read_events, running_gateway
 from tests.fixtures_data import get_entry, read_g711, read_pcm16
 
 with warnings.catch_warnings():
@@ -42,34 +38,14 @@ SHORT = "prompt_one-moment-please.wav"
 SESSIONS_PER_TOKEN = 2
 
 
-def _earshot() -> list[str]:
-    return ["earshot"] if shutil.which("earshot") else [sys.executable, "-m", "gateway"]
-
-
-def _cli(*args: str, stdin: str = "") -> str:
-    done = subprocess.run([*_earshot(), *args], input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, str]]:
     url = f"sqlite:///{tmp_path_factory.mktemp('realtime') / 'earshot.db'}"
-    _cli("db", "upgrade", "--database-url", url)
-    _cli("users", "add", "rt-user", "--role", "admin", "--password-stdin", "--database-url", url,
-         stdin="a long realtime password\n")
-    token = _cli("users", "token", "rt-user", "--name", "realtime e2e", "--database-url", url).strip().splitlines()[-1]
-    gw = start_gateway({"EARSHOT_DATABASE_URL": url, "EARSHOT_API_AUTH": "true",
-                        "EARSHOT_API_SESSIONS_PER_TOKEN": str(SESSIONS_PER_TOKEN)})
-    try:
+    add_user(url, "rt-user", "a long realtime password")
+    token = new_token(url, "rt-user", "realtime e2e")
+    with running_gateway({"EARSHOT_DATABASE_URL": url, "EARSHOT_API_AUTH": "true",
+                          "EARSHOT_API_SESSIONS_PER_TOKEN": str(SESSIONS_PER_TOKEN)}, check_exit=False) as gw:
         yield gw, token
-    finally:
-        gw.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{gw.prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def client_for(gateway: tuple[GatewayProcess, str], token: str | None = None, *,

@@ -11,18 +11,14 @@ got.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import redis
 
 from gateway.asr.wer import word_error_rate
-from tests.e2e.harness import REDIS_URL, ROOT, GatewayProcess, read_events, start_gateway
+from tests.e2e.harness import GatewayProcess, add_user, new_token, read_events, running_gateway
 from tests.fixtures_data import get_entry
 from tests.upload_files import audio_files
 
@@ -35,30 +31,14 @@ CALLER = "caller_02_conference.wav"  # 18 s, five turns
 PROMPT = "prompt_privacy-unident.wav"  # 4.4 s, one sentence
 
 
-def _cli(*args: str, stdin: str = "") -> str:
-    earshot = ["earshot"] if shutil.which("earshot") else [sys.executable, "-m", "gateway"]
-    done = subprocess.run([*earshot, *args], input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, str, str]]:
     url = f"sqlite:///{tmp_path_factory.mktemp('rest') / 'earshot.db'}"
-    _cli("db", "upgrade", "--database-url", url)
-    _cli("users", "add", "rest-user", "--role", "admin", "--password-stdin", "--database-url", url,
-         stdin="a long rest api password\n")
-    token = _cli("users", "token", "rest-user", "--name", "rest e2e", "--database-url", url).strip().splitlines()[-1]
-    gw = start_gateway({"EARSHOT_DATABASE_URL": url, "EARSHOT_API_AUTH": "true", "EARSHOT_ASR_MODEL": "tiny.en"})
-    try:
+    add_user(url, "rest-user", "a long rest api password")
+    token = new_token(url, "rest-user", "rest e2e")
+    with running_gateway({"EARSHOT_DATABASE_URL": url, "EARSHOT_API_AUTH": "true", "EARSHOT_ASR_MODEL": "tiny.en"},
+                         check_exit=False) as gw:
         yield gw, token, url
-    finally:
-        gw.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{gw.prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,13 @@ the history with source WebRTC, persisted by the gateway's own persister.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 
 import pytest
-import redis
 
 from gateway.asr.wer import word_error_rate
-from tests.e2e.harness import REDIS_URL, ROOT, start_gateway
+from tests.e2e.harness import add_user, running_gateway
 from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS, NARROW, PASSWORD, WIDE, async_api, log_in, shot
 from tests.fixtures_data import get_entry
 
@@ -36,22 +32,10 @@ WER_BOUND = 0.35  # one sentence through the browser's audio processing, Opus an
 @pytest.fixture
 def gateway(tmp_path):
     url = f"sqlite:///{tmp_path / 'earshot.db'}"
-    gw = start_gateway(extra_env={"EARSHOT_DATABASE_URL": url})
-    try:
-        earshot = ["earshot"] if shutil.which("earshot") else [sys.executable, "-m", "gateway"]
-        done = subprocess.run([*earshot, "users", "add", "supervisor1", "--role", "supervisor", "--password-stdin"],
-                              input=PASSWORD + "\n", capture_output=True, text=True, timeout=60, cwd=ROOT,
-                              env={**os.environ, "EARSHOT_DATABASE_URL": url})
-        assert done.returncode == 0, done.stderr
+    with running_gateway({"EARSHOT_DATABASE_URL": url}) as gw:
+        # the gateway has upgraded the schema by the time it says it is ready
+        add_user(url, "supervisor1", PASSWORD, role="supervisor")
         yield gw
-    finally:
-        rc = gw.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{gw.prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
-    assert rc == 0, gw.log()
 
 
 def fake_microphone(directory) -> str:

@@ -26,22 +26,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 import uuid
 
 import numpy as np
 import pytest
-import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.asr.wer import word_error_rate
 from gateway.ingest.twilio.signature import compute_signature
-from tests.e2e.harness import REDIS_URL, ROOT, read_events, start_gateway
+from tests.e2e.harness import add_user, new_token, read_events, running_gateway
 from tests.fixtures_data import get_entry, read_g711, read_pcm16
 
 pytestmark = [pytest.mark.e2e]
@@ -66,31 +61,14 @@ def sid(prefix: str) -> str:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('twilio') / 'earshot.db'}"
-    gw = start_gateway(extra_env={"EARSHOT_DATABASE_URL": url, "EARSHOT_TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
-                                  "EARSHOT_API_SESSIONS_PER_TOKEN": "1", "EARSHOT_MAX_CALLS": "2"})
-    try:
-        earshot = ["earshot"] if shutil.which("earshot") else [sys.executable, "-m", "gateway"]
-        env = {**os.environ, "EARSHOT_DATABASE_URL": url}
+    with running_gateway({"EARSHOT_DATABASE_URL": url, "EARSHOT_TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
+                          "EARSHOT_API_SESSIONS_PER_TOKEN": "1", "EARSHOT_MAX_CALLS": "2"}) as gw:
         tokens = {}
         for user in ("alice", "bob"):
-            done = subprocess.run([*earshot, "users", "add", user, "--role", "supervisor", "--password-stdin"],
-                                  input="a long enough password 1\n", capture_output=True, text=True, timeout=60,
-                                  cwd=ROOT, env=env)
-            assert done.returncode == 0, done.stderr
-            done = subprocess.run([*earshot, "users", "token", user, "--name", "twilio"], capture_output=True,
-                                  text=True, timeout=60, cwd=ROOT, env=env)
-            assert done.returncode == 0, done.stderr
-            tokens[user] = done.stdout.strip().splitlines()[-1]
+            add_user(url, user, "a long enough password 1", role="supervisor")
+            tokens[user] = new_token(url, user, "twilio")
         gw.tokens = tokens  # type: ignore[attr-defined]
         yield gw
-    finally:
-        rc = gw.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{gw.prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
-    assert rc == 0, gw.log()
 
 
 class TwilioClient:

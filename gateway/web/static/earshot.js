@@ -120,12 +120,9 @@ function startBoard(table) {
   source.onopen = function () { setFeed(true, "live"); };
 }
 
-// -- the live call view
-function startCall(list) {
-  var empty = document.getElementById("timeline-empty");
-  var status = document.getElementById("call-status");
-  var ticker = document.getElementById("call-ticker");
-  var seen = {};
+// -- a transcript timeline: turns (a partial replaced by its final) and digits, in time order.
+// Shared by the live call view and the "Try it" page (try.js).
+function transcriptView(list) {
   function place(li, start) {
     li.setAttribute("data-start", start);
     var items = list.children;
@@ -172,6 +169,16 @@ function startCall(list) {
     li.appendChild(el("span", "conf", ""));
     place(li, ev.offset_ms || 0);
   }
+  return {turn: turn, dtmf: dtmf};
+}
+
+// -- the live call view
+function startCall(list) {
+  var empty = document.getElementById("timeline-empty");
+  var status = document.getElementById("call-status");
+  var ticker = document.getElementById("call-ticker");
+  var seen = {};
+  var view = transcriptView(list);
   function ended() {
     status.textContent = "ended";
     status.className = "badge ended";
@@ -183,9 +190,9 @@ function startCall(list) {
     var ev = JSON.parse(e.data);
     if (seen[ev.event_id]) return;
     seen[ev.event_id] = true;
-    if (ev.type === "turn.partial") turn(ev, false);
-    else if (ev.type === "turn.final") turn(ev, true);
-    else if (ev.type === "dtmf") dtmf(ev);
+    if (ev.type === "turn.partial") view.turn(ev, false);
+    else if (ev.type === "turn.final") view.turn(ev, true);
+    else if (ev.type === "dtmf") view.dtmf(ev);
     else if (ev.type === "call.ended") ended();
     if (empty) empty.hidden = list.children.length > 0;
   });

@@ -1,6 +1,7 @@
 // Earshot "Try it": the browser's microphone over WebRTC (WHIP, POST /v1/whip) and the live transcript
 // of that session from the dashboard's call stream (/calls/<id>/stream). The WHIP request is
-// authenticated by the login cookie (same origin). Text goes in through textContent only.
+// authenticated by the login cookie (same origin). Text goes in through textContent only. The
+// helpers el, mmss and transcriptView come from earshot.js, which every page loads first.
 "use strict";
 
 (function () {
@@ -8,25 +9,12 @@
 
   function $(id) { return document.getElementById(id); }
 
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined && text !== null) e.textContent = text;
-    return e;
-  }
-
-  function pad(n) { return n < 10 ? "0" + n : String(n); }
-
-  function mmss(ms) {
-    var s = Math.max(0, Math.floor(ms / 1000));
-    return pad(Math.floor(s / 60)) + ":" + pad(s % 60);
-  }
-
   function start(root) {
     var startButton = $("try-start"), stopButton = $("try-stop"), status = $("try-status");
     var errorBox = $("try-error"), list = $("try-transcript"), empty = $("try-empty");
     var done = $("try-done"), link = $("try-link");
     var pc = null, mic = null, resource = null, events = null, current = null, seen = {};
+    var view = transcriptView(list);  // earshot.js, loaded first by base.html
 
     function setStatus(text, ok) {
       status.textContent = text;
@@ -65,27 +53,6 @@
       });
     }
 
-    function findKey(key) {
-      for (var i = 0; i < list.children.length; i++) {
-        if (list.children[i].getAttribute("data-key") === key) return list.children[i];
-      }
-      return null;
-    }
-
-    function turn(ev, final) {
-      var key = (ev.leg || "caller") + ":" + ev.turn;
-      var old = findKey(key);
-      if (old && old.classList.contains("final") && !final) return;  // a late partial never hides a final
-      var li = el("li", "turn " + (final ? "final" : "partial"));
-      li.setAttribute("data-key", key);
-      li.appendChild(el("span", "no", "#" + ev.turn));
-      li.appendChild(el("span", "at", mmss(ev.start_ms || 0)));
-      li.appendChild(el("span", "text", ev.text || (final ? "" : "…")));
-      li.appendChild(el("span", "conf", ""));
-      if (old) list.replaceChild(li, old); else list.appendChild(li);
-      empty.hidden = true;
-    }
-
     function ended(callId) {
       if (current !== callId) return;  // already shown
       current = null;
@@ -102,8 +69,10 @@
         var ev = JSON.parse(e.data);
         if (seen[ev.event_id]) return;
         seen[ev.event_id] = true;
-        if (ev.type === "turn.partial") turn(ev, false);
-        else if (ev.type === "turn.final") turn(ev, true);
+        if (ev.type === "turn.partial" || ev.type === "turn.final") {
+          view.turn(ev, ev.type === "turn.final");
+          empty.hidden = true;
+        }
       });
       events.addEventListener("end", function () { ended(callId); });
     }
