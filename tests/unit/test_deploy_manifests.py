@@ -582,6 +582,11 @@ def _setup_sh_silero_pin() -> str:
     return pin
 
 
+def _setup_sh_pipecat_pin() -> str:
+    (pin,) = set(re.findall(r"pipecat-ai==([0-9.]+)", (DEPLOY / "setup.sh").read_text(encoding="utf-8")))
+    return pin
+
+
 def _python_floor() -> tuple[int, int]:
     spec = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"]
     major, minor = re.fullmatch(r">=\s*(\d+)\.(\d+)", spec).groups()
@@ -597,6 +602,8 @@ def test_dockerfile_installs_earshot_and_sets_valid_settings(path):
     assert re.search(r"pip install -e \.(\s|$)", runs), f"{path.name}: no `pip install -e .` (migrations/)"
     assert f"silero-vad=={_setup_sh_silero_pin()}" in runs and "--no-deps" in runs, \
         f"{path.name}: silero-vad must be installed --no-deps at deploy/setup.sh's version"
+    assert re.search(rf"--no-deps '?pipecat-ai=={re.escape(_setup_sh_pipecat_pin())}", runs), \
+        f"{path.name}: pipecat-ai (the Smart Turn model file) must be installed --no-deps at deploy/setup.sh's version"
     versions = {(3, int(minor)) for minor in re.findall(r"python:?3\.(\d+)", instructions)}
     assert versions and all(v >= _python_floor() for v in versions), f"{path.name}: Python {versions}"
     env = _docker_env(path)
