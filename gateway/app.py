@@ -16,7 +16,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from . import sdp
 from .asr.factory import build_transcriber
@@ -65,7 +67,68 @@ def turn_config(settings: Settings) -> TurnConfig:
         speculative_ms=settings.speculative_ms,
         max_turn_s=settings.max_turn_s,
         partial_interval_ms=settings.partial_interval_ms if partials_enabled(settings) else 0,
+        policy=settings.turn_detection,  # type: ignore[arg-type]  # validated: silence or semantic
+        semantic_min_silence_ms=settings.semantic_min_silence_ms,
+        semantic_max_silence_ms=settings.semantic_max_silence_ms,
+        semantic_threshold=settings.semantic_threshold,
     )
+
+
+def _load_smart_turn() -> Any:
+    from .media.endofturn import EndOfTurnRunner, SmartTurn  # onnxruntime session: only when used
+
+    return EndOfTurnRunner(SmartTurn())
+
+
+class EndOfTurnModel:
+    """The gateway's one end-of-turn model (Smart Turn and its batching runner), shared by every leg.
+
+    Loaded by :meth:`start` when ``turn_detection`` is ``semantic``, so that a missing model
+    stops the gateway at start rather than every turn waiting out ``semantic_max_silence_ms``;
+    otherwise the first question loads it (a Realtime session with ``semantic_vad``), in a
+    thread, once: a load that failed is not retried, its error answers every later question
+    (and the legs fall back to the silence bound). Called like ``EndOfTurnRunner.probability``.
+    """
+
+    def __init__(self, load: Callable[[], Any] = _load_smart_turn) -> None:
+        self._load = load
+        self._loading: asyncio.Future[Any] | None = None
+        self.runner: Any = None  # gateway.media.endofturn.EndOfTurnRunner once loaded
+        self.closed = False
+
+    async def start(self) -> None:
+        await self._get()
+
+    async def __call__(self, audio16k: np.ndarray) -> float:
+        runner = self.runner if self.runner is not None else await self._get()
+        return await runner.probability(audio16k)
+
+    async def _get(self) -> Any:
+        if self.closed:
+            raise RuntimeError("the end-of-turn model is closed")
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._load_once())
+        return await asyncio.shield(self._loading)
+
+    async def _load_once(self) -> Any:
+        log.info("loading the end-of-turn model (Smart Turn)")
+        try:
+            runner = await asyncio.to_thread(self._load)
+        except Exception as exc:
+            log.error("could not load the end-of-turn model: %s; semantic turns end after "
+                      "semantic_max_silence_ms", exc)
+            raise
+        if self.closed:  # closed while loading
+            runner.close()
+            raise RuntimeError("the end-of-turn model is closed")
+        self.runner = runner
+        return runner
+
+    def close(self) -> None:
+        self.closed = True
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
 
 
 def default_dialplan(settings: Settings) -> Dialplan:
@@ -149,6 +212,7 @@ class Gateway:
         self.turn_errors: dict[str, int] = {}
         self.sessions: SessionHost | None = None  # non-SIP sessions (streaming APIs, uploads)
         self.api: Any = None
+        self.end_of_turn = EndOfTurnModel()  # the semantic turn policy's model (loaded when needed)
 
     # -- life cycle
     async def start(self) -> None:
@@ -164,10 +228,12 @@ class Gateway:
         self.vad_runner = BatchedVadRunner(self.vad)
         self.vad_runner.on_tick = self._on_vad_tick
         self._spawn(self.vad_runner.run())
+        if s.turn_detection == "semantic":
+            await self.end_of_turn.start()
         self.sessions = SessionHost(s, vad_runner=self.vad_runner, transcriber=self.transcriber,
                                     publish=self.publisher.publish, capacity=self._free_slots,
                                     on_final=self._on_final, turn_config=turn_config(s),
-                                    partials=partials_enabled(s))
+                                    partials=partials_enabled(s), end_of_turn=self.end_of_turn)
         await self.publisher.start()
         if s.persist:
             await self._start_persister()
@@ -289,6 +355,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.vad_runner is not None:
             self.vad_runner.close()
+        self.end_of_turn.close()
         await self.publisher.close()
         if self.persister is not None:
             await self.persister.close()

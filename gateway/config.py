@@ -110,6 +110,12 @@ class Settings:
     speculative_ms: int = 100
     max_turn_s: float = 20.0
     partial_interval_ms: int = 1000
+    # what ends a turn (docs/turns.md): silence: silence_ms of it; semantic: an end-of-turn model
+    # (Smart Turn) asked at each pause of semantic_min_silence_ms, up to semantic_max_silence_ms
+    turn_detection: str = "silence"
+    semantic_min_silence_ms: int = 150  # a pause this long asks the model (and starts the speculative final)
+    semantic_max_silence_ms: int = 1500  # a pause this long ends the turn whatever the model said
+    semantic_threshold: float = 0.5  # P(complete) at or above ends the turn
     # SQL store (transcripts for the dashboard) and the persister that fills it
     database_url: str = "sqlite:///earshot.db"  # or postgresql+psycopg://user:password@host/dbname
     persist: bool = True  # run the persister inside `earshot run`
@@ -166,6 +172,11 @@ class Settings:
             "need pad_after_ms <= speculative_ms < silence_ms",
         )
         _check(self.max_turn_s >= 2.0, "max_turn_s", "must be at least 2 seconds")
+        _check(self.turn_detection in ("silence", "semantic"), "turn_detection", "must be silence or semantic")
+        _check(self.semantic_min_silence_ms < self.semantic_max_silence_ms, "semantic_min_silence_ms",
+               "need semantic_min_silence_ms < semantic_max_silence_ms")
+        _check(self.turn_detection != "semantic" or self.pad_after_ms <= self.semantic_min_silence_ms,
+               "semantic_min_silence_ms", "need pad_after_ms <= semantic_min_silence_ms (turn_detection: semantic)")
         _check(self.media_timeout_s > 0, "media_timeout_s", "must be positive")
         _check(self.resampler in ("polyphase", "ratecv", "soxr"), "resampler",
                "must be one of polyphase, ratecv, soxr")
@@ -280,6 +291,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "speculative_ms": (0, 10_000),
     "max_turn_s": (2, 120),
     "partial_interval_ms": (100, 60_000),
+    "semantic_min_silence_ms": (32, 10_000),
+    "semantic_max_silence_ms": (64, 30_000),
+    "semantic_threshold": (0, 1),
     "persister_batch": (1, 10_000),
     "persister_claim_idle_s": (1, 86_400),
     "web_session_ttl_s": (60, 2_592_000),

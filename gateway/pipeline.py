@@ -11,6 +11,12 @@ confirms the end: the silence threshold and the ASR run overlap instead of
 adding up. Finals are published strictly in turn order; a partial is dropped
 rather than published out of order.
 
+With the semantic turn policy the detector asks at each pause whether the
+speaker has finished (``EndOfTurnQuery``): the leg hands the turn's last 8 s
+at 16 kHz to the injected ``end_of_turn`` model (off the event loop) and gives
+the answer back to the detector, which may end the turn there. A model that
+fails or is missing only makes the turn wait for ``semantic_max_silence_ms``.
+
 Each turn is decoded in the context of the leg's earlier turns, as offline
 transcription of the whole call would hear it: their text as the request's
 ``prompt`` and, for finals, up to ``context_audio_s`` of their audio with its
@@ -28,7 +34,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -45,6 +51,7 @@ from .events import TURN_FINAL, TURN_PARTIAL, Event, EventFactory
 from .media.resample import upsample_8k_to_16k
 from .media.wideband import Decimator, SampleHistory
 from .media.turn import (
+    EndOfTurnQuery,
     PartialDue,
     TurnConfig,
     TurnDetector,
@@ -141,6 +148,10 @@ class TurnEndHeard:
 
 LegObservation = SpeechStarted | SpeechStopped | TurnPublished | TurnDropped | TurnEndHeard
 
+#: The end-of-turn model as a leg sees it: 16 kHz float32 audio ending now -> P(the turn is
+#: complete). In the gateway, gateway.media.endofturn.EndOfTurnRunner.probability.
+EndOfTurn = Callable[[np.ndarray], Awaitable[float]]
+
 
 @dataclass
 class _Speculation:
@@ -176,10 +187,13 @@ class LegPipeline:
         wideband: bool = False,
         manual_turns: bool = False,
         observer: Callable[[LegObservation], None] | None = None,
+        end_of_turn: EndOfTurn | None = None,
     ) -> None:
         """``wideband``: the leg is fed 16 kHz audio (:meth:`feed_wideband`), which Whisper hears
         as it is, while the VAD hears an 8 kHz copy. ``manual_turns``: the VAD does not end turns;
-        :meth:`commit` does (OpenAI Realtime with ``turn_detection: null``)."""
+        :meth:`commit` does (OpenAI Realtime with ``turn_detection: null``). ``end_of_turn``: the
+        model the semantic policy asks at a pause; without one such turns end at
+        ``semantic_max_silence_ms``."""
         self.key = key
         self.leg = leg
         self.session = session
@@ -225,6 +239,9 @@ class LegPipeline:
         self._history = SampleHistory(keep) if wideband else None
         self.manual_turns = manual_turns
         self._observer = observer
+        self._end_of_turn = end_of_turn
+        self._queries: set[asyncio.Task[None]] = set()
+        self._end_of_turn_failed = False  # logged once per leg
         self._manual_start = 0  # first 8 kHz sample of the uncommitted buffer (manual turns)
         self._manual_turn = 0
         self._fed = 0  # 8 kHz samples fed (chunked or pending)
@@ -364,6 +381,8 @@ class LegPipeline:
             self._speculations[event.turn] = _Speculation(event.start_sample, event.end_sample, task)
         elif isinstance(event, TurnResumed):
             self._cancel_speculation(event.turn)
+        elif isinstance(event, EndOfTurnQuery):
+            self._ask_end_of_turn(event)
         elif isinstance(event, TurnFinal):
             origin = self._origin_ms()
             self._observe(SpeechStopped(self.leg, event.turn, round(origin + event.end_sample * 1000 / SAMPLE_RATE)))
@@ -372,6 +391,42 @@ class LegPipeline:
             self._cancel_speculation(event.turn)
             self._finalised_through = max(self._finalised_through, event.turn)
             self._observe(TurnDropped(self.leg, event.turn, "too-short"))
+
+    def _ask_end_of_turn(self, event: EndOfTurnQuery) -> None:
+        if self._end_of_turn is None or self.closed:
+            return  # no model: the detector ends the turn at semantic_max_silence_ms
+        if self._history is not None:
+            # a wideband leg: the 16 kHz audio as it came
+            audio = self._history.slice(2 * event.start_sample, 2 * event.end_sample).astype(np.float32)
+            audio *= np.float32(1.0 / 32768.0)
+        else:
+            # the model needs 16 kHz; a turn under 8 s shares its start with the speculative final
+            # just resampled, so only the pause since is new
+            audio = self._upsampled(event.turn, event.start_sample, event.audio)
+        task = asyncio.create_task(self._end_of_turn_answer(event, audio))
+        self._queries.add(task)
+        task.add_done_callback(self._queries.discard)
+
+    async def _end_of_turn_answer(self, event: EndOfTurnQuery, audio: np.ndarray) -> None:
+        assert self._end_of_turn is not None
+        try:
+            probability = await self._end_of_turn(audio)
+            events = self._detector.answer(event.query, probability)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # never lose a turn over the model: it ends at semantic_max_silence_ms instead
+            if not self._end_of_turn_failed:
+                self._end_of_turn_failed = True
+                log.exception("end-of-turn model failed for %s; a turn it does not answer for ends "
+                              "after semantic_max_silence_ms (logged once per leg)", self.key)
+            else:
+                log.debug("end-of-turn model failed again for %s", self.key, exc_info=True)
+            return
+        log.debug("%s turn %d: P(complete) %.3f%s", self.key, event.turn, probability,
+                  ", ends it" if events else "")
+        for turn_event in events:
+            self._handle(turn_event)
 
     def _cancel_speculation(self, turn: int) -> None:
         spec = self._speculations.pop(turn, None)
@@ -621,7 +676,7 @@ class LegPipeline:
             self._handle(event)
         for turn in list(self._speculations):
             self._cancel_speculation(turn)
-        for task in list(self._partial_tasks):
+        for task in list(self._partial_tasks) + list(self._queries):
             task.cancel()
         if self._final_chain is not None:
             try:

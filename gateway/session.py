@@ -10,8 +10,8 @@ context: a :class:`~gateway.pipeline.LegPipeline`), and the session's events
 APIs, events and leg observations out (``listeners`` / ``observer``).
 
 :class:`SessionHost` holds what sessions share: the VAD runner, the
-transcriber, the publisher and the settings; the gateway owns one and ends
-every open session when it drains.
+end-of-turn model, the transcriber, the publisher and the settings; the
+gateway owns one and ends every open session when it drains.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from .events import CALL_ENDED, CALL_STARTED, DTMF, CallInfo, Event, EventError, EventFactory, Source
 from .media.turn import TurnConfig
-from .pipeline import LegObservation, LegPipeline
+from .pipeline import EndOfTurn, LegObservation, LegPipeline
 
 if TYPE_CHECKING:
     from .asr.interface import Transcriber, TranscriptionResult
@@ -130,7 +130,11 @@ class SessionHost:
     def __init__(self, settings: "Settings", *, vad_runner: "BatchedVadRunner", transcriber: "Transcriber",
                  publish: Callable[[Event], None], capacity: Callable[[], int],
                  on_final: Callable[[str, "TranscriptionResult | None", str], None] | None = None,
-                 turn_config: TurnConfig | None = None, partials: bool = True) -> None:
+                 turn_config: TurnConfig | None = None, partials: bool = True,
+                 end_of_turn: EndOfTurn | None = None) -> None:
+        """``end_of_turn``: the model legs with the semantic turn policy ask at a pause
+        (the gateway's :class:`~gateway.app.EndOfTurnModel`); None: such turns end at
+        ``semantic_max_silence_ms``."""
         self.settings = settings
         self.vad_runner = vad_runner
         self.transcriber = transcriber
@@ -139,6 +143,7 @@ class SessionHost:
         self._on_final = on_final
         self.turn_config = turn_config or TurnConfig()
         self.partials = partials
+        self.end_of_turn = end_of_turn
         self.sessions: dict[str, Session] = {}
         self.draining = False
 
@@ -192,6 +197,7 @@ class SessionHost:
                 wideband=spec.wideband,
                 manual_turns=spec.manual_turns,
                 observer=observer,
+                end_of_turn=self.end_of_turn,
                 **({"origin_ms": origin_ms} if origin_ms is not None else {}),
             )
         for pipeline in session.legs.values():

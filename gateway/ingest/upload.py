@@ -154,8 +154,9 @@ def cut(pcm: np.ndarray, speech_probability: Callable[[np.ndarray], float], conf
     narrow = Decimator().feed(pcm)
     if narrow.size % CHUNK:
         narrow = np.concatenate((narrow, np.zeros(CHUNK - narrow.size % CHUNK, np.int16)))
-    # no interim transcripts of a file: no PartialDue events (and no copies of the turn's audio for them)
-    detector = TurnDetector(dataclasses.replace(config, partial_interval_ms=0), sample_rate=8000)
+    # no interim transcripts of a file: no PartialDue events (and no copies of the turn's audio for them);
+    # and cut on silence: a file has no turn latency to save, and no end-of-turn model is asked here
+    detector = TurnDetector(dataclasses.replace(config, partial_interval_ms=0, policy="silence"), sample_rate=8000)
     pieces: list[Piece] = []
 
     def take(events: list) -> None:

@@ -10,6 +10,17 @@ End of turn is a two-step affair to hide ASR latency: after
 ``speculative_ms`` of silence :class:`TurnEnding` carries exactly the audio
 a final would carry, so transcription can start while we wait out the rest
 of ``silence_ms``; :class:`TurnResumed` cancels it if speech comes back.
+
+With ``policy="semantic"`` the end of a turn is not a fixed silence: when a
+pause reaches ``semantic_min_silence_ms`` the detector emits
+:class:`EndOfTurnQuery` with the turn's latest audio, and the caller asks an
+end-of-turn model whether the speaker has finished and hands the probability
+back with :meth:`TurnDetector.answer`. Complete: the turn is final now, with
+the same bounds as the :class:`TurnEnding` already sent, so the speculative
+transcription is the final one. Incomplete, too late, or never answered: the
+turn ends after ``semantic_max_silence_ms`` as under the silence rule, so a
+slow or failing model costs latency, never a turn. Speech that resumes makes
+the pending question stale; the next pause asks again. See docs/turns.md.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 __all__ = [
+    "EndOfTurnQuery",
     "PartialDue",
     "TurnConfig",
     "TurnDetector",
@@ -38,6 +50,11 @@ __all__ = [
 SPLIT_WINDOW_S = 4.0
 #: ... but at most half the maximum turn length, and max_turn_s must exceed this.
 MIN_MAX_TURN_S = 2.0
+#: An :class:`EndOfTurnQuery` carries at most this much of the turn: what the
+#: end-of-turn model (Smart Turn, gateway/media/endofturn.py) hears.
+QUERY_WINDOW_S = 8.0
+TurnPolicy = Literal["silence", "semantic"]
+POLICIES: tuple[TurnPolicy, ...] = ("silence", "semantic")
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,11 @@ class TurnConfig:
     speculative_ms: int = 200  # silence after which a speculative final starts (>= pad_after_ms, < silence_ms)
     max_turn_s: float = 20.0  # a longer turn is split
     partial_interval_ms: int = 1000  # interim transcripts while speaking; 0 disables
+    # what ends a turn: "silence" (silence_ms) or "semantic" (an end-of-turn model, asked at each pause)
+    policy: TurnPolicy = "silence"
+    semantic_min_silence_ms: int = 150  # semantic: a pause this long asks the model (>= pad_after_ms)
+    semantic_max_silence_ms: int = 1500  # semantic: a pause this long ends the turn whatever the model said
+    semantic_threshold: float = 0.5  # semantic: P(complete) at or above ends the turn
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -71,6 +93,17 @@ class TurnConfig:
             )
         if not (math.isfinite(self.max_turn_s) and self.max_turn_s > MIN_MAX_TURN_S):
             raise ValueError(f"max_turn_s must be > {MIN_MAX_TURN_S}, got {self.max_turn_s}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 0.0 <= self.semantic_threshold <= 1.0:  # also rejects NaN
+            raise ValueError(f"semantic_threshold must be in [0, 1], got {self.semantic_threshold}")
+        if self.policy == "semantic" and not (
+                self.pad_after_ms <= self.semantic_min_silence_ms < self.semantic_max_silence_ms):
+            # The audio of the TurnEnding sent at the first pause must already hold the pad_after tail.
+            raise ValueError(
+                f"need pad_after_ms <= semantic_min_silence_ms < semantic_max_silence_ms, got "
+                f"{self.pad_after_ms}, {self.semantic_min_silence_ms}, {self.semantic_max_silence_ms}"
+            )
 
     @property
     def negative_threshold(self) -> float:
@@ -114,7 +147,7 @@ class TurnFinal:
     audio: np.ndarray = field(repr=False)
     start_sample: int
     end_sample: int
-    reason: Literal["silence", "max_length", "flush", "commit"]
+    reason: Literal["silence", "semantic", "max_length", "flush", "commit"]
 
 
 @dataclass(frozen=True)
@@ -122,7 +155,20 @@ class TurnDiscarded:
     turn: int
 
 
-TurnEvent = TurnStarted | PartialDue | TurnEnding | TurnResumed | TurnFinal | TurnDiscarded
+@dataclass(frozen=True, eq=False)
+class EndOfTurnQuery:
+    """Semantic policy: a pause began; has the speaker finished? Answer with
+    :meth:`TurnDetector.answer` (``query``). ``audio`` is the turn up to now (the
+    pause included), at most its last :data:`QUERY_WINDOW_S`."""
+
+    turn: int
+    query: int  # counts up per detector; an answer to an older one is ignored
+    audio: np.ndarray = field(repr=False)
+    start_sample: int
+    end_sample: int
+
+
+TurnEvent = TurnStarted | PartialDue | TurnEnding | TurnResumed | TurnFinal | TurnDiscarded | EndOfTurnQuery
 
 
 class TurnDetector:
@@ -156,6 +202,15 @@ class TurnDetector:
         self._max_turn = round(cfg.max_turn_s * sample_rate)
         self._partial = round(cfg.partial_interval_ms * ms)
         self._split_window = round(min(SPLIT_WINDOW_S, self.config.max_turn_s / 2) * sample_rate)
+        self._semantic = cfg.policy == "semantic"
+        self._semantic_threshold = cfg.semantic_threshold
+        self._min_silence = round(cfg.semantic_min_silence_ms * ms)
+        self._max_silence = round(cfg.semantic_max_silence_ms * ms)
+        # a turn too short to ask about is discarded after the silence rule's pause (or sooner)
+        self._short_silence = min(self._silence, self._max_silence)
+        # the speculative final starts at speculative_ms or at the question, whichever comes first
+        self._semantic_ending = min(self._speculative, self._min_silence)
+        self._query_window = round(QUERY_WINDOW_S * sample_rate)
 
         # Audio: self._buf[self._head:self._tail] holds samples from self._buf_start on.
         self._buf = np.zeros(max(self._pad_before, 1024), dtype=np.int16)
@@ -172,6 +227,9 @@ class TurnDetector:
         self._in_silence = False
         self._ending_sent = False
         self._continued = False  # started by a max-length split: too late to discard
+        self._asked = False  # semantic: this pause's question was sent
+        self._query: int | None = None  # semantic: the question whose answer can still end the turn
+        self._next_query = 0
         self._next_partial = 0
         # (start, end, (prob to 0.1, energy)) within the split window: the split goes where
         # speech is least likely; in fluent speech, where VAD probabilities saturate, to the
@@ -235,6 +293,30 @@ class TurnDetector:
             self._silent(end, events)
         return events
 
+    @property
+    def pending_query(self) -> int | None:
+        """Semantic policy: the question whose answer would still count (None: none)."""
+        return self._query
+
+    def answer(self, query: int, probability: float) -> list[TurnEvent]:
+        """The end-of-turn model's P(complete) for :class:`EndOfTurnQuery` ``query``.
+
+        At or above ``semantic_threshold`` while the question is still current
+        (no speech since, the turn still open) the turn is final now, reason
+        ``semantic``, with the bounds of its :class:`TurnEnding`. Otherwise
+        nothing happens: the turn goes on to ``semantic_max_silence_ms``.
+        """
+        probability = float(probability)
+        if not 0.0 <= probability <= 1.0:  # also rejects NaN
+            raise ValueError(f"probability must be in [0, 1], got {probability}")
+        if self._turn is None or query != self._query:
+            return []  # stale: speech resumed, or the turn ended before the model answered
+        self._query = None
+        events: list[TurnEvent] = []
+        if probability >= self._semantic_threshold:
+            self._close(min(self._last_voiced_end + self._pad_after, self.position), "semantic", events)
+        return events
+
     def flush(self) -> list[TurnEvent]:
         """Call end: finalise the open turn (or discard it if too short)."""
         events: list[TurnEvent] = []
@@ -259,6 +341,8 @@ class TurnDetector:
         self._last_voiced_end = voiced_end
         self._in_silence = False
         self._ending_sent = False
+        self._asked = False
+        self._query = None
         self._continued = continued
         self._next_partial = speech_start + self._partial
         events.append(TurnStarted(self._turn, turn_start))
@@ -267,6 +351,8 @@ class TurnDetector:
         assert self._turn is not None
         if self._in_silence:
             self._in_silence = False
+            self._asked = False
+            self._query = None  # the pause is over: an answer about it no longer counts
             if self._ending_sent:
                 self._ending_sent = False
                 events.append(TurnResumed(self._turn))
@@ -285,13 +371,33 @@ class TurnDetector:
         self._in_silence = True
         silence = end - self._last_voiced_end
         final_end = min(self._last_voiced_end + self._pad_after, end)
-        if silence >= self._silence:
+        if self._semantic:
+            self._silent_semantic(end, silence, final_end, events)
+        elif silence >= self._silence:
             self._close(final_end, "silence", events)
         elif end - self._turn_start >= self._max_turn:
             self._close(final_end, "max_length", events)
         elif silence >= self._speculative and not self._ending_sent and self._long_enough():
             self._ending_sent = True
             events.append(TurnEnding(self._turn, self._audio(self._turn_start, final_end), self._turn_start, final_end))
+
+    def _silent_semantic(self, end: int, silence: int, final_end: int, events: list[TurnEvent]) -> None:
+        assert self._turn is not None
+        long_enough = self._long_enough()
+        if silence >= self._max_silence or (not long_enough and silence >= self._short_silence):
+            self._close(final_end, "silence", events)
+        elif end - self._turn_start >= self._max_turn:
+            self._close(final_end, "max_length", events)
+        elif long_enough:
+            if silence >= self._semantic_ending and not self._ending_sent:
+                self._ending_sent = True
+                events.append(TurnEnding(self._turn, self._audio(self._turn_start, final_end), self._turn_start, final_end))
+            if silence >= self._min_silence and not self._asked:
+                self._asked = True
+                self._query = query = self._next_query
+                self._next_query += 1
+                start = max(self._turn_start, end - self._query_window)
+                events.append(EndOfTurnQuery(self._turn, query, self._audio(start, end), start, end))
 
     def _split(self, events: list[TurnEvent]) -> None:
         """Max length while speaking: cut in the quietest recent chunk and carry on."""
@@ -305,8 +411,10 @@ class TurnDetector:
             self._recent.popleft()
         self._begin(split, split, self._pos, continued=True, events=events)
 
-    def _close(self, final_end: int, reason: Literal["silence", "max_length", "flush"], events: list[TurnEvent]) -> None:
+    def _close(self, final_end: int, reason: Literal["silence", "semantic", "max_length", "flush"],
+               events: list[TurnEvent]) -> None:
         assert self._turn is not None
+        self._query = None
         final_end = min(final_end, self._turn_start + self._max_turn)
         if self._long_enough():
             audio = self._audio(self._turn_start, final_end)

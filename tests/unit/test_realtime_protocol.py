@@ -13,7 +13,7 @@ import pytest
 from gateway.events import TURN_FINAL, TURN_PARTIAL, CallInfo, EventFactory, Source
 from gateway.ingest.realtime.protocol import (
     MAX_APPEND_BYTES,
-    SEMANTIC_SILENCE_MS,
+    SEMANTIC_EAGERNESS,
     Clear,
     Commit,
     EndSession,
@@ -185,15 +185,39 @@ def test_short_silence_clamps_the_speculative_final_and_the_tail():
     assert session_turn_config(TurnDetection(threshold=0.0), BASE).threshold == 0.01
 
 
-@pytest.mark.parametrize("eagerness", ["low", "medium", "high", "auto"])
-def test_semantic_vad_eagerness_picks_the_silence(eagerness):
+@pytest.mark.parametrize(("eagerness", "expected"), [("low", (0.7, 2000)), ("medium", (0.5, 1500)),
+                                                     ("auto", (0.5, 1500)), ("high", (0.3, 800))])
+def test_semantic_vad_eagerness_picks_the_semantic_policy(eagerness, expected):
     conn = connection()
     conn.start()
     (updated,) = events(send(conn, ga_update(turn_detection={"type": "semantic_vad", "eagerness": eagerness})))
     assert updated["session"]["audio"]["input"]["turn_detection"] == {"type": "semantic_vad", "eagerness": eagerness}
     (opened, _feed) = send(conn, append(pcm24(50)))
-    assert opened.turn_config.silence_ms == SEMANTIC_SILENCE_MS[eagerness]
-    assert SEMANTIC_SILENCE_MS["low"] > SEMANTIC_SILENCE_MS["medium"] > SEMANTIC_SILENCE_MS["high"]
+    cfg = opened.turn_config
+    assert cfg.policy == "semantic"
+    assert (cfg.semantic_threshold, cfg.semantic_max_silence_ms) == expected == SEMANTIC_EAGERNESS[eagerness]
+    assert cfg.semantic_min_silence_ms == BASE.semantic_min_silence_ms  # the gateway's own pause to ask at
+    # the VAD and turn bounds otherwise stay the gateway's
+    assert (cfg.threshold, cfg.pad_before_ms, cfg.max_turn_s) == (BASE.threshold, BASE.pad_before_ms, BASE.max_turn_s)
+
+
+def test_semantic_vad_eagerness_orders_patience():
+    low, medium, high = (SEMANTIC_EAGERNESS[e] for e in ("low", "medium", "high"))
+    assert low[0] > medium[0] > high[0] and low[1] > medium[1] > high[1]
+
+
+def test_server_vad_is_the_silence_policy_and_semantic_vad_fits_a_gateways_settings():
+    semantic_base = TurnConfig(policy="semantic", pad_after_ms=150, speculative_ms=200,
+                               semantic_min_silence_ms=900, semantic_max_silence_ms=2500)
+    assert session_turn_config(TurnDetection(), semantic_base).policy == "silence"
+    assert session_turn_config(TurnDetection(silence_duration_ms=300), semantic_base).silence_ms == 300
+    # the gateway asks after 900 ms of pause, longer than high eagerness waits at most: asked sooner
+    cfg = session_turn_config(TurnDetection("semantic_vad", eagerness="high"), semantic_base)
+    assert (cfg.semantic_min_silence_ms, cfg.semantic_max_silence_ms) == (799, 800)
+    assert cfg.pad_after_ms <= cfg.semantic_min_silence_ms  # TurnConfig's own rule held
+    short = TurnConfig(pad_after_ms=150, speculative_ms=150, silence_ms=200)
+    cfg = session_turn_config(TurnDetection("semantic_vad", eagerness="low"), short)
+    assert cfg.policy == "semantic" and cfg.pad_after_ms == 150 <= cfg.semantic_min_silence_ms
 
 
 def test_turn_detection_null_is_manual_and_the_update_is_partial():

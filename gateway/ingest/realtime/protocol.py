@@ -62,7 +62,7 @@ __all__ = [
     "Output",
     "ProtocolError",
     "RealtimeConnection",
-    "SEMANTIC_SILENCE_MS",
+    "SEMANTIC_EAGERNESS",
     "ServerEvent",
     "TranscriptionConfig",
     "TurnDetection",
@@ -89,10 +89,12 @@ _G711 = {PCMU: "PCMU", PCMA: "PCMA"}
 _LEGACY_FORMATS = {"pcm16": PCM24, "g711_ulaw": PCMU, "g711_alaw": PCMA, PCM16K: PCM16K}
 _LEGACY_NAME = {PCM24: "pcm16", PCMU: "g711_ulaw", PCMA: "g711_alaw", PCM16K: PCM16K}
 
-#: ``semantic_vad`` eagerness -> the silence that ends a turn. Earshot ends turns on
-#: silence alone (a semantic end-of-turn model comes with issue 13), so eagerness picks
-#: how long a pause must be: ``low`` waits for the speaker, ``high`` answers quickly.
-SEMANTIC_SILENCE_MS = {"low": 1500, "medium": 800, "auto": 800, "high": 400}
+#: ``semantic_vad`` eagerness -> (semantic_threshold, semantic_max_silence_ms) of Earshot's
+#: semantic turn policy (docs/turns.md): at each pause the end-of-turn model is asked, and a
+#: P(complete) at or above the threshold ends the turn; else it ends after the longer
+#: silence. ``low`` waits for the speaker (a sure answer or a long pause), ``high`` ends
+#: turns quickly; ``auto`` is ``medium``, as OpenAI's.
+SEMANTIC_EAGERNESS = {"low": (0.7, 2000), "medium": (0.5, 1500), "auto": (0.5, 1500), "high": (0.3, 800)}
 MIN_SILENCE_MS = 64  # two VAD chunks: the gateway's own lower bound (config.silence_ms)
 MAX_SILENCE_MS = 10_000
 MAX_PAD_MS = 2_000
@@ -160,19 +162,25 @@ class TranscriptionConfig:
 def session_turn_config(detection: TurnDetection | None, base: TurnConfig) -> TurnConfig:
     """The Earshot turn settings for a client's turn detection, within TurnConfig's rules.
 
-    ``threshold`` -> ``threshold``, ``prefix_padding_ms`` -> ``pad_before_ms``,
-    ``silence_duration_ms`` (or the semantic eagerness) -> ``silence_ms``; the speculative
-    final and the tail padding shrink with a short silence so that
-    ``pad_after_ms <= speculative_ms < silence_ms`` still holds. Manual turns (``None``)
-    keep the gateway's settings: there the VAD ends no turn, but ``max_turn_s`` still
-    bounds one.
+    ``server_vad`` is the silence policy: ``threshold`` -> ``threshold``,
+    ``prefix_padding_ms`` -> ``pad_before_ms``, ``silence_duration_ms`` -> ``silence_ms``;
+    the speculative final and the tail padding shrink with a short silence so that
+    ``pad_after_ms <= speculative_ms < silence_ms`` still holds. ``semantic_vad`` is the
+    semantic policy, its eagerness picking the model's threshold and the longest pause
+    (:data:`SEMANTIC_EAGERNESS`); the gateway's ``semantic_min_silence_ms`` (and the tail
+    padding) shrink below that pause if need be. Manual turns (``None``) keep the gateway's
+    settings: there the VAD ends no turn, but ``max_turn_s`` still bounds one.
     """
     if detection is None:
         return base
     threshold = base.threshold if detection.threshold is None else min(max(detection.threshold, 0.01), 1.0)
     if detection.type == "semantic_vad":
-        silence = SEMANTIC_SILENCE_MS[detection.eagerness or "auto"]
-    elif detection.silence_duration_ms is not None:
+        probability, max_silence = SEMANTIC_EAGERNESS[detection.eagerness or "auto"]
+        min_silence = min(base.semantic_min_silence_ms, max_silence - 1)
+        return replace(base, policy="semantic", semantic_threshold=probability,
+                       semantic_min_silence_ms=min_silence, semantic_max_silence_ms=max_silence,
+                       pad_after_ms=min(base.pad_after_ms, min_silence))
+    if detection.silence_duration_ms is not None:
         silence = detection.silence_duration_ms
     else:
         silence = base.silence_ms
@@ -188,7 +196,7 @@ def session_turn_config(detection: TurnDetection | None, base: TurnConfig) -> Tu
         max_turn = min(max(detection.max_turn_s, MIN_MAX_TURN_S + 0.5), MAX_TURN_S)
     return replace(base, threshold=threshold, neg_threshold=neg, silence_ms=silence, pad_before_ms=pad_before,
                    speculative_ms=speculative, pad_after_ms=pad_after, min_speech_ms=min_speech,
-                   max_turn_s=max_turn)
+                   max_turn_s=max_turn, policy="silence")
 
 
 # -- what goes out -------------------------------------------------------------------------
@@ -788,7 +796,7 @@ def _turn_detection(value: Any, param: str) -> TurnDetection | None:
     kind = value.get("type", "server_vad")
     if kind == "semantic_vad":
         eagerness = value.get("eagerness", "auto")
-        if eagerness not in SEMANTIC_SILENCE_MS:
+        if eagerness not in SEMANTIC_EAGERNESS:
             raise ProtocolError("invalid_value", f"'{param}.eagerness' must be one of low, medium, high, auto, "
                                 f"got {eagerness!r}", f"{param}.eagerness")
         return TurnDetection("semantic_vad", eagerness=eagerness)
