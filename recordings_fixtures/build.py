@@ -13,6 +13,10 @@ of their own near-silence at the edges, and what a turn detector reacts to is
 speech, not file boundaries. Silence is inserted so that the gap between the
 speech of consecutive turns is exactly the gap we chose (1.0-1.5 s), the first
 speech starts at 500 ms and the last ends 1000 ms before the end of the file.
+The "paused" calls (SENTENCE_PAUSED_CALLS, ASTERISK_PAUSED_CALLS) have longer
+gaps (1.5-2.3 s, 2 s at the end)
+and silence inserted inside sentences; every turn's "pauses" in the manifest
+are measured from the audio on the same 10 ms frames as its extent.
 """
 
 from __future__ import annotations
@@ -172,6 +176,92 @@ CONVERSATION = [
 ]
 CONVERSATION_GAPS = [1200, 1400, 1000, 1300]
 
+# Calls with mid-sentence pauses (kind "paused"), for counting false cuts: a
+# turn detector that ends a turn at one of these pauses cuts the speaker off.
+# All are recorded human speech (an end-of-turn model that hears intonation
+# scores synthetic voices close to chance, so flite calls would measure flite).
+# SENTENCE_PAUSED_CALLS: (prompt, number of pauses) per turn. A prompt with
+# pauses is one recorded sentence (single-sentence prompts of 2.5 s or more of
+# speech) with digital silence inserted at its quietest 10 ms frame inside
+# PAUSE_REGIONS, found from the audio (a gap between words: build() has no
+# model, but the README gives the offline check that no word was cut in two).
+# The words before the pause keep the intonation of a sentence that goes on,
+# since the speaker recorded it whole. A prompt with 0 is an ordinary turn: no
+# pause of PAUSE_MIN_MS or more, then PAUSED_GAPS_MS of silence (PAUSED_TRAIL_MS
+# after the last). Every prompt is one that tiny.en transcribes as its Debian
+# text, none is from the held-out callers, and none of the paused ones repeats.
+PAUSE_MARK = " ... "
+SENTENCE_PAUSED_CALLS = [
+    ("paused_01_agent", [
+        ("agent-loginok", 0), ("agent-newlocation", 1), ("vm-rec-name", 1),
+        ("conf-getchannel", 1), ("queue-thankyou", 0)]),
+    ("paused_02_pin", [
+        ("one-moment-please", 0), ("conf-onlyperson", 1), ("confbridge-pin", 2),
+        ("confbridge-only-participant", 1), ("auth-incorrect", 0)]),
+    ("paused_03_mailbox", [
+        ("check-number-dial-again", 0), ("vm-nobox", 2), ("vm-msgforwarded", 1),
+        ("vm-nonumber", 1), ("tt-monkeysintro", 0)]),
+    ("paused_04_busy", [
+        ("all-circuits-busy-now", 0), ("vm-rec-busy", 1), ("conf-noempty", 1),
+        ("dir-nomore", 1), ("something-terribly-wrong", 0)]),
+    ("paused_05_leader", [
+        ("pls-hold-while-try", 0), ("confbridge-begin-glorious-c", 2), ("confbridge-begin-leader", 1),
+        ("conf-roll-callcomplete", 1), ("priv-introsaved", 0)]),
+    ("paused_06_greeting", [
+        ("cannot-complete-as-dialed", 0), ("vm-rec-temp", 2), ("vm-tempgreetactive", 1),
+        ("feature-not-avail-line", 1), ("followme/status", 0)]),
+    ("paused_07_locked", [
+        ("dir-nomatch", 0), ("confbridge-lock-no-join", 1), ("confbridge-pin-bad", 2),
+        ("speed-dial-empty", 1), ("agent-alreadyon", 0)]),
+    ("paused_08_unavailable", [
+        ("vm-newuser", 0), ("vm-rec-unv", 2), ("vm-nobodyavail", 1),
+        ("vm-whichbox", 1), ("tt-weasels", 0)]),
+]
+# Where in a sentence's speech (fractions of its extent) each pause is cut in,
+# by the number of pauses; a cut is at least PAUSE_CLEARANCE_MS from the
+# speech's ends and from the other cut, so there are words on both sides.
+PAUSE_REGIONS = {1: [(0.25, 0.75)], 2: [(0.15, 0.45), (0.55, 0.85)]}
+PAUSE_CLEARANCE_MS = 300
+# Joined calls: Asterisk prompts made to be joined
+# ("You have" + "two" + "new" + "messages"), with a pause at each "|" and a
+# short natural join (JOIN_EDGE_MS of each prompt's own edge) at each space.
+# The fragments are recorded with the intonation of a sentence that goes on.
+# A turn that is one name is an ordinary turn: a whole prompt.
+ASTERISK_PAUSED_CALLS = [
+    ("paused_09_voicemail_asterisk", [
+        "vm-youhave | digits/2 | vm-INBOX vm-messages",
+        "vm-duration | digits/20 | seconds",
+        "vm-theperson | digits/4 | vm-isunavail",
+        "vm-msgsaved",
+        "num-was-successfully | added",
+        "vm-goodbye",
+    ]),
+    ("paused_10_queue_asterisk", [
+        "queue-thereare | digits/3",
+        "queue-holdtime | digits/5 | queue-minutes",
+        "pls-hold-while-try",
+        "queue-quantity1 | digits/3 | queue-quantity2",
+        "queue-thankyou",
+    ]),
+    ("paused_11_conference_asterisk", [
+        "confbridge-there-are | digits/5 | confbridge-participants",
+        "confbridge-leave-in | vm-press | digits/1",
+        "one-moment-please",
+        "if-correct-press | digits/1",
+        "dir-pls-enter | digits/3 | dir-last",
+        "auth-thankyou",
+    ]),
+]
+JOIN_EDGE_MS = 50  # of a prompt's quiet edge kept where two prompts join without a pause
+PAUSE_EDGE_MS = 150  # ... and at a pause (the rest of the pause is digital silence)
+PAUSED_SEED = 1317
+PAUSE_TARGETS_MS = range(420, 881, 20)  # measured length of each pause, inside 400-900 ms
+PAUSED_GAPS_MS = range(1500, 2301, 100)  # speech to speech between turns
+PAUSED_TRAIL_MS = 2000  # after the last turn, longer than a semantic policy's longest wait
+# A quiet run this long inside a turn is listed in the turn's "pauses"; the
+# ordinary turns of the paused calls have none.
+PAUSE_MIN_MS = 300
+
 
 @dataclass
 class Clip:
@@ -228,16 +318,36 @@ def speech_extent(pcm: bytes) -> tuple[int, int]:
     return loud[0] * FRAME, (loud[-1] + 1) * FRAME
 
 
-def longest_pause_ms(clip: Clip) -> int:
+def frame_is_loud(pcm: bytes, start: int) -> bool:
+    """Whether the 10 ms frame at sample `start` is louder than SPEECH_DBFS."""
     threshold = 32768 * 10 ** (SPEECH_DBFS / 20)
+    return audioop.rms(pcm[2 * start:2 * (start + FRAME)], 2) > threshold
+
+
+def longest_pause_ms(clip: Clip) -> int:
     longest = run_len = 0
     for start in range(clip.speech_start, clip.speech_end - FRAME + 1, FRAME):
-        if audioop.rms(clip.pcm[2 * start:2 * (start + FRAME)], 2) > threshold:
+        if frame_is_loud(clip.pcm, start):
             run_len = 0
         else:
             run_len += 1
             longest = max(longest, run_len)
     return longest * 1000 * FRAME // RATE
+
+
+def pauses(clip: Clip, min_ms: int = PAUSE_MIN_MS) -> list[tuple[int, int]]:
+    """Runs of quiet 10 ms frames inside the clip's speech lasting min_ms or
+    more, as (first sample, end sample) on the same grid as longest_pause_ms."""
+    found: list[tuple[int, int]] = []
+    run_start = None
+    for start in range(clip.speech_start, clip.speech_end - FRAME + 1, FRAME):
+        if not frame_is_loud(clip.pcm, start):
+            run_start = start if run_start is None else run_start
+            continue
+        if run_start is not None and (start - run_start) * 1000 >= min_ms * RATE:
+            found.append((run_start, start))
+        run_start = None
+    return found  # the extent ends on a loud frame, so no run is left open
 
 
 def clip_from_pcm(pcm: bytes) -> Clip:
@@ -259,14 +369,58 @@ def flite_clip(voice: str, text: str, tmp: Path) -> Clip:
     return clip_from_pcm(pcm)
 
 
+def frame_rms(pcm: bytes, index: int) -> int:
+    return audioop.rms(pcm[2 * FRAME * index:2 * FRAME * (index + 1)], 2)
+
+
+def pause_cuts(clip: Clip, count: int) -> list[int]:
+    """Where the pauses go (samples, on the 10 ms grid): in each of
+    PAUSE_REGIONS[count], the boundary of its quietest frame on the side of its
+    quieter neighbour (ties: the earliest), so the cut falls between words."""
+    first, last = clip.speech_start // FRAME, clip.speech_end // FRAME
+    n, clear = last - first, PAUSE_CLEARANCE_MS // 10
+    cuts = []
+    for lo, hi in PAUSE_REGIONS[count]:
+        frames = range(first + max(clear, int(n * lo)), first + min(n - clear, int(n * hi)))
+        i = min(frames, key=lambda k: frame_rms(clip.pcm, k))
+        cuts.append(i if frame_rms(clip.pcm, i - 1) <= frame_rms(clip.pcm, i + 1) else i + 1)
+    assert all(b - a >= clear for a, b in zip(cuts, cuts[1:])), cuts
+    return [cut * FRAME for cut in cuts]
+
+
+def sentence_paused_clip(name: str, pauses_ms: list[int]) -> Clip:
+    """A whole recorded sentence with a quiet run of exactly pauses_ms[i]
+    (10 ms frames at or below SPEECH_DBFS) at each of its pause_cuts: digital
+    silence, as long as the target minus the quiet frames already on either
+    side of the cut (every such run is under PAUSE_MIN_MS)."""
+    clip = clip_from_pcm(read_pcm16(SOUNDS / f"{name}.wav"))
+    assert not pauses(clip), f"{name} already pauses {longest_pause_ms(clip)} ms"
+    pcm = clip.pcm
+    for cut, target in reversed(list(zip(pause_cuts(clip, len(pauses_ms)), pauses_ms))):  # later first
+        left = right = 0
+        while not frame_is_loud(pcm, cut - (left + 1) * FRAME):
+            left += 1
+        while not frame_is_loud(pcm, cut + right * FRAME):
+            right += 1
+        frames = target * RATE // (1000 * FRAME) - left - right
+        assert frames > 0, f"{name} already pauses {10 * (left + right)} ms at a cut"
+        pcm = pcm[:2 * cut] + silence(frames * FRAME) + pcm[2 * cut:]
+    paused = clip_from_pcm(pcm)
+    measured = [(end - start) * 1000 // RATE for start, end in pauses(paused)]
+    assert measured == pauses_ms, f"{name}: pauses {measured} ms, wanted {pauses_ms}"
+    return paused
+
+
 def silence(samples: int) -> bytes:
     return b"\x00\x00" * samples
 
 
-def compose(clips: list[Clip], gaps_ms: list[int]) -> tuple[bytes, list[tuple[int, int]]]:
+def compose(clips: list[Clip], gaps_ms: list[int],
+            trail_ms: int = TRAIL_MS) -> tuple[bytes, list[tuple[int, int]]]:
     """Lay clips out so speech starts at LEAD_MS, the speech-to-speech gaps are
-    exactly gaps_ms and TRAIL_MS of silence follow the last speech. Returns the
-    PCM and each clip's speech extent (samples) in the result."""
+    exactly gaps_ms and trail_ms of silence follow the last speech. Returns the
+    PCM and each clip's speech extent (samples) in the result. The extents lie
+    on the clips' own 10 ms grid (all offsets are whole frames)."""
     assert len(gaps_ms) == len(clips) - 1
     ms = RATE // 1000
     pad = LEAD_MS * ms - clips[0].speech_start
@@ -280,7 +434,7 @@ def compose(clips: list[Clip], gaps_ms: list[int]) -> tuple[bytes, list[tuple[in
         if i + 1 < len(clips):
             pad = gaps_ms[i] * ms - (clip.samples - clip.speech_end) - clips[i + 1].speech_start
         else:
-            pad = TRAIL_MS * ms - (clip.samples - clip.speech_end)
+            pad = trail_ms * ms - (clip.samples - clip.speech_end)
         assert pad >= 0, "prompt edges longer than the requested gap"
         out += silence(pad)
     return bytes(out), extents
@@ -312,10 +466,72 @@ def to_ms(sample: int) -> int:
 
 
 def make_turn(text: str, clip: Clip, extent: tuple[int, int]) -> dict:
-    """A manifest turn: its speech extent in the file, and the longest pause
-    inside it, so tests know which silence threshold would split it."""
-    return {"text": text, "start_ms": to_ms(extent[0]), "end_ms": to_ms(extent[1]),
-            "longest_pause_ms": longest_pause_ms(clip)}
+    """A manifest turn: its speech extent in the file, the longest pause
+    inside it, so tests know which silence threshold would split it, and where
+    its pauses of PAUSE_MIN_MS or more lie, so a bench can tell a final cut
+    off at a pause from one at the turn's end."""
+    offset = extent[0] - clip.speech_start
+    return {"text": text.replace(PAUSE_MARK, " "), "start_ms": to_ms(extent[0]), "end_ms": to_ms(extent[1]),
+            "longest_pause_ms": longest_pause_ms(clip),
+            "pauses": [[to_ms(offset + start), to_ms(offset + end)] for start, end in pauses(clip)]}
+
+
+def paused_calls() -> list[tuple[str, str, list[str], list[list[int]], list[int]]]:
+    """(stem, how it is made, turn specs, pause lengths per turn, gaps), drawn
+    with a fixed seed: the sentence calls ("sentence", specs are prompt names),
+    then the joined ones ("joined", specs as in ASTERISK_PAUSED_CALLS)."""
+    rng = random.Random(PAUSED_SEED)
+    calls = []
+    for stem, turns in SENTENCE_PAUSED_CALLS:
+        lengths = [[rng.choice(PAUSE_TARGETS_MS) for _ in range(n)] for _name, n in turns]
+        gaps = [rng.choice(PAUSED_GAPS_MS) for _ in turns[1:]]
+        calls.append((stem, "sentence", [name for name, _n in turns], lengths, gaps))
+    for stem, specs in ASTERISK_PAUSED_CALLS:
+        lengths = [[rng.choice(PAUSE_TARGETS_MS) for _ in range(spec.count("|"))] for spec in specs]
+        gaps = [rng.choice(PAUSED_GAPS_MS) for _ in specs[1:]]
+        calls.append((stem, "joined", specs, lengths, gaps))
+    return calls
+
+
+def fragment_text(texts: dict[str, str], name: str) -> str:
+    """A joinable prompt's words, without the "..." that marks where it joins."""
+    text = texts[name].replace("...", " ")
+    assert not any(c in text for c in "[]()<>*#0123456789"), (name, text)
+    return " ".join(text.split())
+
+
+def asterisk_paused_turn(texts: dict[str, str], spec: str, pauses_ms: list[int]) -> tuple[str, Clip]:
+    """The turn's reference text (PAUSE_MARK at each pause) and audio: prompts
+    cut to whole 10 ms frames (so the turn keeps their frame grid), joined with
+    JOIN_EDGE_MS of edge on both sides, or with digital silence that makes a
+    quiet run of exactly pauses_ms[i] at each "|"."""
+    groups = [group.split() for group in spec.split("|")]
+    assert len(groups) == len(pauses_ms) + 1, spec
+    words = [fragment_text(texts, n) for group in groups for n in group]
+    words = [words[0]] + [w if w.startswith("I ") else w[0].lower() + w[1:] for w in words[1:]]  # "Added."
+    it = iter(words)
+    text = PAUSE_MARK.join(" ".join(next(it).rstrip(".") for _ in group) for group in groups)
+    text = text[0].upper() + text[1:] + "."
+    pcm = bytearray()
+    speech_end = 0  # of the last prompt so far, in pcm
+    for g, group in enumerate(groups):
+        for n, name in enumerate(group):
+            clip = clip_from_pcm(read_pcm16(SOUNDS / f"{name}.wav"))
+            lead = (PAUSE_EDGE_MS if n == 0 else JOIN_EDGE_MS) * RATE // 1000
+            trail = (PAUSE_EDGE_MS if n == len(group) - 1 else JOIN_EDGE_MS) * RATE // 1000
+            start = max(0, clip.speech_start - lead)
+            end = min(clip.samples // FRAME * FRAME, clip.speech_end + trail)
+            if g and n == 0:
+                quiet = (len(pcm) // 2 - speech_end) + (clip.speech_start - start)
+                fill = pauses_ms[g - 1] * RATE // 1000 - quiet
+                assert fill > 0, f"{spec}: the prompts' edges alone pause {quiet // 8} ms"
+                pcm += silence(fill)
+            speech_end = len(pcm) // 2 + clip.speech_end - start
+            pcm += clip.pcm[2 * start:2 * end]
+    turn = clip_from_pcm(bytes(pcm))
+    measured = [(end - start) * 1000 // RATE for start, end in pauses(turn)]
+    assert measured == pauses_ms, f"{spec}: pauses {measured} ms, wanted {pauses_ms}"
+    return text, turn
 
 
 def entry(file: str, encoding: str, source: str, license: str, kind: str,
@@ -378,6 +594,27 @@ def build() -> list[dict]:
         encode(tmp / file, HERE / file, "mu-law")
         turns = [make_turn(t, c, ext) for t, c, ext in zip(CONVERSATION, clips, extents)]
         manifest.append(entry(file, "mu-law", "flite:awb", FLITE_LICENSE, "conversation", turns))
+
+        for stem, how, specs, lengths, gaps in paused_calls():
+            if how == "sentence":
+                made = [(prompt_text(texts, name),
+                         sentence_paused_clip(name, n) if n else clip_from_pcm(read_pcm16(SOUNDS / f"{name}.wav")))
+                        for name, n in zip(specs, lengths)]
+            else:
+                made = [asterisk_paused_turn(texts, spec, n) if n else
+                        (prompt_text(texts, spec), clip_from_pcm(read_pcm16(SOUNDS / f"{spec}.wav")))
+                        for spec, n in zip(specs, lengths)]
+            turn_texts, clips = [t for t, _ in made], [c for _, c in made]
+            for t, n, c in zip(turn_texts, lengths, clips):
+                assert n or not pauses(c), f"{stem}: ordinary turn {t!r} pauses {longest_pause_ms(c)} ms"
+            pcm, extents = compose(clips, gaps, trail_ms=PAUSED_TRAIL_MS)
+            file = f"{stem}.wav"
+            write_pcm16(tmp / file, pcm)
+            encode(tmp / file, HERE / file, "mu-law")
+            turns = [make_turn(t, c, ext) for t, c, ext in zip(turn_texts, clips, extents)]
+            names = ["+".join(spec.replace("|", " ").split()) for spec in specs]
+            manifest.append(entry(file, "mu-law", "asterisk-core-sounds-en", ASTERISK_LICENSE, "paused", turns,
+                                  prompts=names))
 
         file = "silence_10s.wav"
         write_pcm16(tmp / file, silence(10 * RATE))

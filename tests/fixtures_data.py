@@ -39,12 +39,19 @@ class FixtureError(ValueError):
 @dataclass(frozen=True)
 class Turn:
     """One stretch of speech: [start_ms, end_ms) covers its 10 ms frames above
-    -40 dBFS; longest_pause_ms is the longest quieter run inside it."""
+    -40 dBFS; longest_pause_ms is the longest quieter run inside it.
+
+    pauses: every quieter run of 300 ms or more inside the turn, as
+    (start_ms, end_ms), in order. A final that ends in one of them cut the
+    speaker off mid-turn (a false cut); the "paused" fixtures put 400-900 ms
+    pauses inside sentences for exactly that count. Empty for most turns.
+    """
 
     text: str
     start_ms: int
     end_ms: int
     longest_pause_ms: int
+    pauses: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class FixtureEntry:
     duration_ms: int
     source: str  # "asterisk-core-sounds-en" | "flite:<voice>" | "synthetic"
     license: str
-    kind: str  # "prompt" | "caller" | "monologue" | "conversation" | "silence" | "noise"
+    kind: str  # "prompt" | "caller" | "held_out" | "monologue" | "conversation" | "paused" | "silence" | "noise"
     text: str  # whole reference transcript; "" for silence and noise
     turns: tuple[Turn, ...]
     prompts: tuple[str, ...] = ()  # Asterisk prompt names used, in order
@@ -85,11 +92,17 @@ def load_manifest() -> list[FixtureEntry]:
             license=e["license"],
             kind=e["kind"],
             text=e["text"],
-            turns=tuple(Turn(**t) for t in e["turns"]),
+            turns=tuple(_turn(t) for t in e["turns"]),
             prompts=tuple(e.get("prompts", ())),
         )
         for e in raw
     ]
+
+
+def _turn(raw: dict) -> Turn:
+    pauses = tuple((int(start), int(end)) for start, end in raw.get("pauses", ()))
+    return Turn(text=raw["text"], start_ms=raw["start_ms"], end_ms=raw["end_ms"],
+                longest_pause_ms=raw["longest_pause_ms"], pauses=pauses)
 
 
 def get_entry(name: str) -> FixtureEntry:
