@@ -3,6 +3,7 @@ the /proc readers and the turn-latency matching."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import struct
@@ -94,29 +95,50 @@ def test_proc_readers():
     assert {"InDatagrams", "InErrors", "RcvbufErrors"} <= set(udp)
 
 
-def _final(turn: int, start_ms: int, end_ms: int, id_ms: int) -> Arrival:
-    event = {"type": "turn.final", "turn": turn, "start_ms": start_ms, "end_ms": end_ms, "reason": "silence",
-             "text": "x", "latency_ms": 1.0, "asr": {"processing_ms": 2.0, "speculative": True}}
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _final(turn: int, start_ms: int, end_ms: int, id_ms: int, reason: str = "silence") -> Arrival:
+    """A turn.final built 5 ms before Redis accepted it."""
+    event = {"type": "turn.final", "turn": turn, "start_ms": start_ms, "end_ms": end_ms, "reason": reason,
+             "text": "x", "latency_ms": 1.0, "asr": {"processing_ms": 2.0, "speculative": True},
+             "time": _iso(id_ms / 1000 - 0.005)}
     return Arrival(f"{id_ms}-0", id_ms, id_ms / 1000 + 0.002, event)
 
 
 def test_turn_latency_matches_finals_to_manifest_turns():
-    entry = get_entry("caller_02_conference.wav")  # turns (500, 2690), (3690, 5990), ...
+    entry = get_entry("caller_02_conference.wav")  # turns (500, 2690), (3690, 5990), (7490, 10460), (11460, 13590), ...
     payload, codec = read_g711(entry.file)
     stream = SentStream("t", ("127.0.0.1", 9), payload, codec)
     t0 = 1_000_000.0
     stream.sent_wall = [t0 + 0.02 * i for i in range(stream.payload_packets)]
     answered = "1970-01-12T13:46:39.900Z"  # t0 - 100 ms: call offsets are 100 ms later than fixture offsets
-    started = Arrival("0-0", 0, 0.0, {"type": "call.started", "time": answered})
+    started = Arrival("0-0", 0, 0.0, {"type": "call.started", "time": answered, "call_id": "c1"})
     plan = CallPlan(entry, "x", stream=stream, events=[
         started,
         _final(1, 100 + 200, 100 + 2840, int((t0 + 3.4) * 1000)),
         _final(2, 100 + 3390, 100 + 10600, int((t0 + 11.0) * 1000)),  # covers manifest turns 2 and 3
+        _final(3, 100 + 11400, 100 + 13700, int((t0 + 14.2) * 1000), "semantic"),
     ])
-    rows = measure_call(plan)
-    assert [r["turns_covered"] for r in rows] == [1, 2]
-    assert [r["speech_end_ms"] for r in rows] == [2690, 10460]
+    # the model's answer that ended turn 3, and a "not yet" inside it (a short dip)
+    asks = {"c1": [{"wall": t0 + 12.9, "turn": 3, "p": 0.2, "ends": False},
+                   {"wall": t0 + 13.9, "turn": 3, "p": 0.9, "ends": True}]}
+    call = measure_call(plan, asks, pad_after_ms=100)
+    rows = call["finals"]
+    assert call["cuts"] == []
+    assert [(e["final"], e["outcome"]) for e in call["ends"]] == [(0, "final"), (1, "merged"), (1, "final"),
+                                                                 (2, "final"), (None, "lost")]
+    assert [r["speech_end_ms"] for r in rows] == [2690, 10460, 13590]
     # last voiced sample 2689 ms is in packet 134, sent at t0 + 2.68 s
     assert rows[0]["latency_ms"] == pytest.approx(3400 - 2680, abs=1)
     assert rows[1]["latency_ms"] == pytest.approx(11000 - 10440, abs=1)
     assert rows[0]["xread_latency_ms"] == pytest.approx(rows[0]["latency_ms"] + 2, abs=1)
+    assert rows[0]["publish_ms"] == pytest.approx(5, abs=1)
+    assert rows[0]["vad_end_lag_ms"] == pytest.approx(2840 - 100 - 2690)
+    assert "decision_ms" not in rows[0]
+    # turn 3's end of speech (13589 ms) went at t0 + 13.58 s; the answer came 320 ms later
+    assert rows[2]["decision_ms"] == pytest.approx(320, abs=1)
+    assert rows[2]["decision_to_built_ms"] == pytest.approx(14195 - 13900, abs=1)
+    assert [a["where"] for a in call["asks"]] == ["other", "end"]
+    assert call["hypothesis"] == "x x x"
