@@ -242,16 +242,6 @@ class ItemTracker:
         return []
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 # -- one streamed session ------------------------------------------------------------------
 
 @dataclass
@@ -570,6 +560,7 @@ def run_level(system: System, sessions: int, idle: Sequence[System] = ()) -> dic
 
 
 def summarize(run: dict) -> dict:
+    from bench.common import percentile
     from gateway.asr.wer import corpus_wer, normalize, word_edits
 
     rows = [r for s in run["sessions"] for r in s["rows"]]

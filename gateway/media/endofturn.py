@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from .onnx import cpu_session
+
 if TYPE_CHECKING:
     from faster_whisper.feature_extractor import FeatureExtractor
 
@@ -197,22 +199,10 @@ class SmartTurn:
     """
 
     def __init__(self, model_path: str | Path | None = None, *, threads: int = 1) -> None:
-        import onnxruntime  # deferred: importing the module must stay cheap
-
         path = default_model_path() if model_path is None else Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"Smart Turn model file missing: {path}; {_SETUP_HINT}")
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self._session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ValueError(f"{path} is not a loadable ONNX model: {exc}") from exc
+        self._session = cpu_session(path, threads=threads)  # graph optimisation: onnxruntime's default, all
         inputs = self._session.get_inputs()
         outputs = self._session.get_outputs()
         if (

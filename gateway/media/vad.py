@@ -29,6 +29,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .onnx import cpu_session
+
 __all__ = ["BatchedVadRunner", "SileroVad", "VadStream", "default_model_path"]
 
 log = logging.getLogger(__name__)
@@ -75,23 +77,12 @@ class SileroVad:
     CONTEXT = 32
 
     def __init__(self, model_path: str | Path | None = None, *, intra_op_threads: int = 1) -> None:
-        import onnxruntime  # deferred: importing the package must stay cheap
-
         path = default_model_path() if model_path is None else Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"Silero VAD model file missing: {path}")
         if intra_op_threads < 1:
             raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        try:
-            self._session = onnxruntime.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ValueError(f"{path} is not a loadable ONNX model: {exc}") from exc
+        self._session = cpu_session(path, threads=intra_op_threads)
         names = {i.name for i in self._session.get_inputs()}
         if names != {"input", "state", "sr"}:
             raise ValueError(f"{path} is not a Silero VAD model (inputs {sorted(names)})")
