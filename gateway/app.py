@@ -24,15 +24,17 @@ from . import sdp
 from .asr.factory import build_transcriber
 from .asr.interface import Transcriber, TranscriptionResult
 from .call import Call
-from .config import Settings
+from .config import Settings, mask_url
 from .dialplan import Dialplan, Route, load_dialplan
-from .events import SIP_KINDS, TURN_FINAL, Event, Source
+from .events import SIP_KINDS, TURN_FINAL, Source
 from .http import HttpServer, build_app
+from .identity import identity
 from .media.turn import TurnConfig
 from .media.vad import BatchedVadRunner, SileroVad
 from .metrics import Metrics
 from .presence import Heartbeat, default_instance_id, read_presence
 from .publisher import Publisher
+from .spool import spool_file_for
 from .session import LegSpec, SessionHost
 from .rtp.receiver import RtpReceiver
 from .rtp.transport import NoFreePortError, RtpPortAllocator, open_rtp_socket
@@ -44,17 +46,25 @@ from .sip.events import (
     MalformedMessage,
     ReInvite,
     ReInviteAck,
+    SessionRefreshed,
 )
 from .sip.message import NameAddress, SipRequest, SipUri
 from .sip.transport import SipEndpoint
+from .sip.admission import Admission, AdmissionConfig
+from .sip import session_timer
 from .sip.useragent import UserAgent
+from .trunks import Trunk, TrunkTable
+from .rtp.srtp import SrtpContext
+from .tlsconfig import load_sip_tls
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.02  # jitter-buffer release cadence
 # ReceiverStats fields summed over ended and active calls for /metrics
-RTP_TOTALS = ("packets", "lost_packets", "late", "duplicates", "foreign_dropped", "malformed", "rtcp")
+RTP_TOTALS = ("packets", "lost_packets", "late", "duplicates", "foreign_dropped", "malformed", "rtcp", "overrun",
+              "dtmf_dropped")
 TIMEOUT_CHECK_INTERVAL = 0.5
+SRTP_TOTALS = ("packets", "auth_failures", "replayed", "errors")  # SrtpStats fields for /metrics
 
 
 def turn_config(settings: Settings) -> TurnConfig:
@@ -140,6 +150,22 @@ def default_dialplan(settings: Settings) -> Dialplan:
     return Dialplan.accept_all()
 
 
+def admission_config(settings: Settings) -> AdmissionConfig:
+    return AdmissionConfig(
+        unknown_source=settings.sip_unknown_source,
+        max_unacked=settings.sip_max_unacked,
+        invite_rate=settings.sip_invite_rate,
+        options_rate=settings.sip_options_rate,
+        register_rate=settings.sip_register_rate,
+        msgs_per_s=settings.sip_source_msgs_per_s,
+        bytes_per_s=settings.sip_source_bytes_per_s,
+        block_s=settings.sip_block_s,
+        nonce_ttl=settings.sip_auth_nonce_s,
+        auth_failures=settings.sip_auth_failures,
+        loopback_verified=settings.sip_loopback_verified,
+    )
+
+
 def partials_enabled(settings: Settings) -> bool:
     """Partials are asked for unless switched off; over HTTP only when asked for (one request each)."""
     return settings.asr_partials and (settings.asr_backend != "openai" or settings.asr_openai_partials)
@@ -194,12 +220,27 @@ class Gateway:
             call_ttl_s=settings.call_stream_ttl_s,
             buffer_limit=settings.publish_buffer,
             on_published=self._on_published,
+            spool_path=spool_file_for(settings.database_url, settings.publish_spool_file),
+            spool_max_bytes=settings.publish_spool_max_mb << 20,
+            spool_after_s=settings.publish_spool_after_s,
+            protect_group=settings.persister_group,
+            origin=self.instance_id,
         )
         self.ports = RtpPortAllocator(settings.rtp_port_min, settings.rtp_port_max)
+        self.admission = Admission(TrunkTable(settings.trunks), admission_config(settings))
+        self._trunk_calls: dict[str, set[str]] = {}  # trunk name -> dialog ids of its calls (per-trunk max_calls)
         self.ua = UserAgent(local_host=settings.sip_advertise_host or settings.sip_host,
-                            local_port=settings.sip_port, user_agent=settings.sip_user_agent)
+                            local_port=settings.sip_port, user_agent=settings.sip_user_agent,
+                            admission=self.admission, session_expires=settings.session_expires_s,
+                            min_se=settings.session_min_se_s)
         self.sip = SipEndpoint(self.ua, self._on_sip_event)
         self.sip.tcp_idle_timeout = settings.sip_tcp_idle_s
+        self.sip.max_connections_per_ip = settings.sip_tcp_max_per_ip
+        self.tls = load_sip_tls(settings)  # certificate problems stop the gateway here, named
+        if self.tls is not None:
+            self.sip.tls_client_context = self.tls.client
+            self.sip.client_cert_required = self._client_cert_required
+            self.ua.local_tls_port = settings.sip_tls_port
         self.vad: SileroVad | None = None
         self.vad_runner: BatchedVadRunner | None = None
         self.http: HttpServer | None = None
@@ -240,6 +281,9 @@ class Gateway:
         await self.sip.start(s.sip_host, s.sip_port, udp=s.sip_udp, tcp=s.sip_tcp)
         if s.sip_port == 0:  # tests: learn the real port for Contact headers
             self.ua.local_port = self.sip.udp_port if s.sip_udp else self.sip.tcp_port
+        if self.tls is not None:
+            await self.sip.start_tls(self.tls.server, s.sip_host, s.sip_tls_port)
+            self.ua.local_tls_port = self.sip.tls_port
         web = None
         if s.web_enabled:
             from .web import Dashboard  # FastAPI, Jinja2: only when the dashboard is served
@@ -259,9 +303,10 @@ class Gateway:
         await self.http.start()
         self._spawn(self._poll_loop())
         await self._start_presence()
-        log.info("Earshot listening: SIP %s:%d (%s), HTTP http://%s:%d, Redis %s",
+        log.info("Earshot listening: SIP %s:%d (%s)%s, HTTP http://%s:%d, Redis %s",
                  s.sip_host, self.sip_port, "/".join(t for t, on in (("udp", s.sip_udp), ("tcp", s.sip_tcp)) if on),
-                 s.http_host, self.http.port, s.redis_url)
+                 f", SIP over TLS on {self.sip.tls_port}" if self.tls is not None else "",
+                 s.http_host, self.http.port, mask_url(s.redis_url))
 
     async def _start_persister(self) -> None:
         from .persister import Persister  # SQLAlchemy: only when the store is used
@@ -374,7 +419,7 @@ class Gateway:
     def _on_sip_event(self, event: object) -> None:
         if isinstance(event, IncomingCall):
             self._setting_up[event.dialog_id] = False
-            self._spawn(self._incoming(event))
+            self._spawn(self._incoming_counted(event))
         elif isinstance(event, CallConfirmed):
             self._on_confirmed(event)
         elif isinstance(event, ReInviteAck):
@@ -396,8 +441,27 @@ class Gateway:
                 self.end_call(call, event.reason)
         elif isinstance(event, ReInvite):
             self._reinvite(event)
+        elif isinstance(event, SessionRefreshed):
+            call = self.calls.get(event.dialog_id)
+            if call is not None:  # RFC 4028: the caller refreshes; no refresh by then ends the call
+                call.session_expires_at = (session_timer.bye_at(time.monotonic(), session_timer.SessionTimer(
+                    event.interval)) if event.interval else None)
         elif isinstance(event, MalformedMessage):
             log.debug("malformed SIP from %s: %s", event.peer, event.reason)
+
+    def _client_cert_required(self, host: str) -> bool:
+        trunk = self.admission.trunks.match(host)
+        return trunk is not None and trunk.tls_client_cert
+
+    def _srtp_policy(self, trunk: Trunk | None, transport: str) -> tuple[str, str]:
+        """The SRTP policy for a call from ``trunk`` over ``transport``, and, when SDES had
+        to be switched off for it, why.  SDES keys travel in the SDP: over UDP or TCP anyone
+        on the path reads them, so they are taken only over TLS unless srtp_sdes_insecure."""
+        wanted = trunk.srtp if trunk is not None else "optional"
+        if wanted == "off" or transport == "tls" or self.settings.srtp_sdes_insecure:
+            return wanted, ""
+        return "off", (f"SRTP keys (SDES) are accepted over SIP over TLS only, not {transport.upper()} "
+                       "(srtp_sdes_insecure)")
 
     def _reject(self, dialog_id: str, status: int, reason: str | None = None,
                 headers: list[tuple[str, str]] | None = None, outcome: str = "rejected") -> None:
@@ -405,6 +469,14 @@ class Gateway:
         self.ua.reject(dialog_id, status, reason, headers or [], now=time.monotonic())
         self.sip.flush()
         self.metrics.calls.labels(outcome).inc()
+
+    async def _incoming_counted(self, event: IncomingCall) -> None:
+        """``_incoming``, then free the trunk's slot if the call was not taken."""
+        try:
+            await self._incoming(event)
+        finally:
+            if event.dialog_id not in self.calls and event.trunk is not None:
+                self._trunk_calls.get(event.trunk.name, set()).discard(event.dialog_id)
 
     async def _incoming(self, event: IncomingCall) -> None:
         s = self.settings
@@ -416,22 +488,39 @@ class Gateway:
         if len(self.calls) + len(self._setting_up) - 1 + self._api_sessions() >= s.max_calls:
             self._reject(dialog_id, 503, "Service Unavailable - Call Limit Reached", retry_after, "overload")
             return
+        trunk = event.trunk
+        if trunk is not None:
+            taken = self._trunk_calls.setdefault(trunk.name, set())
+            if trunk.max_calls and len(taken) >= trunk.max_calls:
+                self._reject(dialog_id, 503, "Service Unavailable - Trunk Call Limit Reached", retry_after, "overload")
+                return
+            taken.add(dialog_id)
         request = event.request
         from_uri, from_user = _party(request, "From")
         to_uri, to_user = _party(request, "To")
+        # caller-controlled: cleaned once here (gateway/identity.py), before the dialplan, events and logs see them
+        from_uri, from_user, to_uri, to_user = map(identity, (from_uri, from_user, to_uri, to_user))
         route = self.dialplan.route(to_uri=to_uri, from_uri=from_uri, to_user=to_user, from_user=from_user,
-                                    source=event.peer.host)
+                                    source=event.peer.host, trunk=trunk.name if trunk is not None else "")
         if route.action == "reject":
             self._reject(dialog_id, route.status, route.reason, outcome="dialplan")
             return
         local_host = self.ua.local_host_for(request)
         session_id = random.randrange(1, 2**31)
+        srtp_policy, srtp_refusal = self._srtp_policy(trunk, event.peer.transport)
+        if srtp_refusal and trunk is not None and trunk.srtp == "required":
+            self._reject(dialog_id, 488, f"Not Acceptable Here - {srtp_refusal}", outcome="srtp")
+            return
         offer: sdp.SessionDescription | None = None
         if event.offer.strip():
             try:
                 offer = sdp.SessionDescription.parse(event.offer)
-                # codec check before a port is taken
-                sdp.negotiate(offer, local_host=local_host, local_port=9, session_id=session_id, session_version=1)
+                # codec and SRTP check before a port is taken
+                sdp.negotiate(offer, local_host=local_host, local_port=9, session_id=session_id, session_version=1,
+                              srtp=srtp_policy)
+            except sdp.SrtpNotAcceptable as exc:
+                self._reject(dialog_id, 488, f"Not Acceptable Here - {srtp_refusal or exc.reason}", outcome="srtp")
+                return
             except sdp.NoAcceptableCodec as exc:
                 self._reject(dialog_id, 488, f"Not Acceptable Here - {exc.reason}", outcome="no-codec")
                 return
@@ -446,21 +535,25 @@ class Gateway:
             log.error("no RTP port for a new call: %s", exc)
             self._reject(dialog_id, 503, "Service Unavailable - No RTP Port", retry_after, "overload")
             return
+        srtp_keys: sdp.SrtpKeys | None = None
         if offer is not None:
             negotiated = sdp.negotiate(offer, local_host=local_host, local_port=rtp_socket.port,
-                                       session_id=session_id, session_version=1)
+                                       session_id=session_id, session_version=1, srtp=srtp_policy)
             media = _Media.from_negotiated(negotiated)
             body = negotiated.answer.to_bytes()
             our_offer = None
+            srtp_keys = negotiated.srtp
         else:
             # delayed offer (e.g. Cisco CUCM): we offer in the 200, the answer comes in the ACK
             our_offer = sdp.build_offer(local_host=local_host, local_port=rtp_socket.port, session_id=session_id,
-                                        session_version=1)
+                                        session_version=1, srtp=srtp_policy)
             media = _Media.provisional()
             body = our_offer.to_bytes()
         call = self._make_call(event, route, media, rtp_socket.port, session_id, from_uri, to_uri)
         call.socket = rtp_socket
         call.pending_offer = our_offer
+        call.srtp_policy = srtp_policy
+        _apply_srtp(call, srtp_keys)
         holder.append(call)
         if self._setting_up.pop(dialog_id, False):  # cancelled while we were setting up
             rtp_socket.close()
@@ -476,19 +569,23 @@ class Gateway:
         self.sip.flush()
         self.metrics.calls.labels("answered").inc()
         assert self.sessions is not None
+        if call.srtp is not None:
+            log.info("call %s: SRTP %s", call.call_id, call.srtp.suite.name)
         started: dict[str, Any] = {
             "codec": media.codec,
             "local_media_port": rtp_socket.port,
             "transport": event.peer.transport,
             "dialplan_rule": route.rule,
+            "trunk": trunk.name if trunk is not None else "",
         }
         if offer is not None:
             started["remote_media"] = f"{media.remote_host}:{media.remote_port}"
-        sip_call_id = request.headers.get("Call-ID") or ""
+        sip_call_id = identity(request.headers.get("Call-ID") or "")
         call.session = self.sessions.open(
             Source("sip", (("call_id", sip_call_id), ("transport", event.peer.transport))), [LegSpec(route.leg)],
             session_id=call.call_id, sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri,
-            language=call.language, tags=route.tags, started=started, origin_ms=call.origin_ms, admit=False)
+            language=call.language, tags=route.tags, started=started, origin_ms=call.origin_ms, admit=False,
+            redact=route.redact)
 
     def _make_call(self, event: IncomingCall, route: Route, media: "_Media", port: int,
                    session_id: int, from_uri: str, to_uri: str) -> Call:
@@ -500,6 +597,9 @@ class Gateway:
             dtmf_payload_type=media.dtmf_payload_type,
             jitter_delay=s.rtp_jitter_ms / 1000.0,
             signalling_host=event.peer.host,
+            latch=s.rtp_latch,
+            dtmf_per_second=s.dtmf_max_per_s,
+            dtmf_per_call=s.dtmf_max_per_call,
         )
         return Call(
             call_id=str(uuid.uuid4()),
@@ -512,6 +612,7 @@ class Gateway:
             session_id=session_id,
             language=route.language or s.asr_language or None,
             on_hold=media.on_hold,
+            held_since=time.monotonic() if media.on_hold else None,
             clock=time.monotonic,
         )
 
@@ -533,13 +634,14 @@ class Gateway:
             log.warning("call %s: unusable SDP answer (%s); hanging up", call.call_id, exc.reason)
             self.end_call(call, "bad-sdp-answer", hangup=True)
             return
+        _apply_srtp(call, negotiated.srtp)
         self._apply_media(call, _Media.from_negotiated(negotiated))
 
     def _apply_media(self, call: Call, media: "_Media") -> None:
         call.receiver.update(expected_host=media.remote_host, expected_port=media.remote_port,
                              codecs=media.codecs, dtmf_payload_type=media.dtmf_payload_type)
         call.codec = media.codec
-        call.on_hold = media.on_hold
+        call.set_hold(media.on_hold, time.monotonic())
 
     def _reinvite(self, event: ReInvite) -> None:
         call = self.calls.get(event.dialog_id)
@@ -552,20 +654,26 @@ class Gateway:
         if not event.offer.strip():  # offerless re-INVITE: offer in our 200, answer in the ACK
             call.sdp_version += 1
             call.pending_offer = sdp.build_offer(local_host=local_host, local_port=call.local_port,
-                                                 session_id=call.session_id, session_version=call.sdp_version)
+                                                 session_id=call.session_id, session_version=call.sdp_version,
+                                                 srtp=call.srtp_policy)
             self.ua.accept_reinvite(event.dialog_id, call.pending_offer.to_bytes(), now)
             self.sip.flush()
             return
         try:
             offer = sdp.SessionDescription.parse(event.offer)
+            current = call.srtp
+            keep = None if current is None else sdp.SrtpKeys(current.suite.name, current.receive_key,
+                                                              current.send_key, 0)
             negotiated = sdp.negotiate(offer, local_host=local_host, local_port=call.local_port,
-                                       session_id=call.session_id, session_version=call.sdp_version + 1)
+                                       session_id=call.session_id, session_version=call.sdp_version + 1,
+                                       srtp=call.srtp_policy, keep_srtp=keep)
         except sdp.SdpError as exc:
             log.info("re-INVITE on %s refused: %s", call.call_id, exc.reason)
             self.ua.reject_reinvite(event.dialog_id, 488, now)
             self.sip.flush()
             return
         call.sdp_version += 1
+        _apply_srtp(call, negotiated.srtp)
         self._apply_media(call, _Media.from_negotiated(negotiated))
         self.ua.accept_reinvite(event.dialog_id, negotiated.answer.to_bytes(), now)
         self.sip.flush()
@@ -590,6 +698,7 @@ class Gateway:
             stats = call.receiver.stats
             for name in RTP_TOTALS:
                 self._ended_rtp[name] = self._ended_rtp.get(name, 0) + getattr(stats, name)
+            _add_srtp_totals(self._ended_rtp, call)
             if call.session is not None:
                 # the leg's open speech is finalised and its finals published before call.ended
                 await call.session.end(reason, {"rtp": {
@@ -607,6 +716,8 @@ class Gateway:
             if call.socket is not None:
                 call.socket.close()  # idempotent; returns the port to the allocator
             self.calls.pop(call.dialog_id, None)
+            for taken in self._trunk_calls.values():
+                taken.discard(call.dialog_id)
 
     # -- periodic work
     async def _poll_loop(self) -> None:
@@ -618,13 +729,19 @@ class Gateway:
                 call.poll(now)
             if now >= next_timeout_check:
                 next_timeout_check = now + TIMEOUT_CHECK_INTERVAL
-                limit = self.settings.media_timeout_s
                 for call in list(self.calls.values()):
-                    if call.ending or call.on_hold:
-                        continue
-                    if now - call.last_media_at() > limit:
-                        log.info("call %s: no RTP for %.0f s, hanging up", call.call_id, limit)
-                        self.end_call(call, "media-timeout", hangup=True)
+                    self._check_limits(call, now)
+
+    def _check_limits(self, call: Call, now: float) -> None:
+        """End a call that outlived its bounds: every call has one (a lost BYE must not leak it)."""
+        if call.ending:
+            return
+        s = self.settings
+        expired = call.expired(now, media_timeout=s.media_timeout_s, hold_timeout=s.hold_timeout_s,
+                               max_duration=s.max_call_s)
+        if expired is not None:
+            log.info("call %s: %s, hanging up", call.call_id, expired)
+            self.end_call(call, expired, hangup=True)
 
     # -- observability
     def _on_vad_tick(self, seconds: float, batch: int) -> None:
@@ -638,8 +755,8 @@ class Gateway:
         if result is not None:
             self.metrics.asr_seconds.labels("final").observe(result.processing_seconds)
 
-    def _on_published(self, event: Event, latency: float) -> None:
-        if event.type == TURN_FINAL and latency == latency:  # not NaN
+    def _on_published(self, event_type: str, latency: float) -> None:
+        if event_type == TURN_FINAL and latency == latency:  # not NaN
             self.metrics.turn_latency.observe(latency)
 
     def _snapshot(self) -> dict[str, float]:
@@ -648,6 +765,7 @@ class Gateway:
             stats = call.receiver.stats
             for name in RTP_TOTALS:
                 totals[name] = totals.get(name, 0) + getattr(stats, name)
+            _add_srtp_totals(totals, call)
         return {
             "active_calls": len(self.calls),
             "active_sessions": self._api_sessions(),
@@ -660,12 +778,21 @@ class Gateway:
             "rtp_foreign_packets": totals.get("foreign_dropped", 0),
             "rtp_malformed_packets": totals.get("malformed", 0),
             "rtp_rtcp_packets": totals.get("rtcp", 0),
+            "rtp_overrun_samples": totals.get("overrun", 0),
+            "dtmf_dropped": totals.get("dtmf_dropped", 0),
             "sip_messages_in": self.sip.messages_in,
             "sip_messages_out": self.sip.messages_out,
             "sip_malformed": self.sip.malformed,
             "sip_tcp_idle_closed": self.sip.idle_closed,
-            "published_events": self.publisher.published,
-            "dropped_partials": self.publisher.dropped_partials,
+            "sip_unknown_source": self.admission.dropped_unknown + self.admission.rejected_unknown,
+            "sip_rate_limited": self.admission.dropped_rate,
+            "sip_blocked": self.admission.dropped_blocked,
+            "sip_unsent_unverified": self.admission.amplification_dropped,
+            "sip_auth_failures": self.admission.auth_failed,
+            "sip_tcp_refused": self.sip.refused_connections,
+            "sip_tls_handshake_failures": self.sip.tls_handshake_failures,
+            **{f"srtp_{name}": totals.get(f"srtp_{name}", 0) for name in SRTP_TOTALS},
+            **self.publisher.snapshot(),  # published_events, dropped_partials, spool, trimming, persister_lag
             **(self.persister.snapshot() if self.persister is not None else {}),
             "asr_queued": float(getattr(self.transcriber, "queued", 0)),
             "asr_batches": float(getattr(self.transcriber, "batches", 0)),
@@ -705,6 +832,8 @@ class Gateway:
             "active_sessions": self._api_sessions(),
             "redis": "ok" if redis_ok else "unreachable",
             "publish_backlog": self.publisher.backlog,
+            "publish_spooled": self.publisher.spooled_backlog,
+            "persister_lag": self.publisher.snapshot().get("persister_lag"),  # unacked by the group; None: unknown
             "asr_backend": backend,
             "asr": "ok",
         }
@@ -728,6 +857,24 @@ class Gateway:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+def _add_srtp_totals(totals: dict[str, int], call: Call) -> None:
+    if call.srtp is not None:
+        for name in SRTP_TOTALS:
+            key = f"srtp_{name}"
+            totals[key] = totals.get(key, 0) + getattr(call.srtp.stats, name)
+
+
+def _apply_srtp(call: Call, keys: sdp.SrtpKeys | None) -> None:
+    """Key (or re-key, or stop) the call's SRTP after an offer/answer; unchanged keys keep
+    the context, so its replay window and per-SSRC streams survive a hold re-INVITE."""
+    current = call.srtp
+    if keys is None:
+        call.srtp = None
+    elif current is None or (current.suite.name, current.receive_key, current.send_key) != (
+            keys.suite, keys.remote_key, keys.local_key):
+        call.srtp = SrtpContext(keys.suite, receive_key=keys.remote_key, send_key=keys.local_key)
 
 
 def _party(request: SipRequest, header: str) -> tuple[str, str]:

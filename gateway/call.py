@@ -14,6 +14,7 @@ from typing import Callable
 from .sdp import SessionDescription
 from .rtp.dtmf import DtmfEvent
 from .rtp.receiver import AudioChunk, RtpReceiver
+from .rtp.srtp import SrtpContext
 from .rtp.transport import RtpSocket
 from .session import Session
 
@@ -34,11 +35,15 @@ class Call:
     socket: RtpSocket | None = None
     pending_offer: SessionDescription | None = None  # our SDP offer awaiting the peer's answer
     on_hold: bool = False
+    held_since: float | None = None  # monotonic; while on hold the media timeout gives way to hold_timeout_s
+    session_expires_at: float | None = None  # RFC 4028: no refresh by then ends the call
     confirmed: bool = False
     ending: bool = False
     first_packet_at: float | None = None
     sdp_version: int = 1
     session: Session | None = None  # opened when the call is answered
+    srtp: SrtpContext | None = None  # SDES-keyed SRTP: datagrams are unprotected before the receiver sees them
+    srtp_policy: str = "off"  # what re-INVITEs are negotiated with (off | optional | required)
     clock: Callable[[], float] = field(default=lambda: 0.0)
 
     def origin_ms(self) -> float:
@@ -50,6 +55,11 @@ class Call:
     def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
         if self.ending or self.session is None:
             return
+        if self.srtp is not None:
+            plain = self.srtp.unprotect(data)
+            if plain is None:  # counted in srtp.stats: not from the key holder, replayed, or not SRTP
+                return
+            data = plain
         now = self.clock()
         if self.first_packet_at is None:
             self.first_packet_at = now
@@ -67,6 +77,27 @@ class Call:
     def last_media_at(self) -> float:
         last = self.receiver.last_packet_at
         return self.answered_at if last is None else max(last, self.answered_at)
+
+    def set_hold(self, on_hold: bool, now: float) -> None:
+        """A re-INVITE held (sendonly, inactive, c=0.0.0.0) or resumed the call."""
+        if on_hold and not self.on_hold:
+            self.held_since = now
+        elif not on_hold:
+            self.held_since = None
+        self.on_hold = on_hold
+
+    def expired(self, now: float, *, media_timeout: float, hold_timeout: float, max_duration: float) -> str | None:
+        """Why the call must end now, or None. Hold only trades the media timeout for the
+        (longer) hold timeout: a held call that nobody resumes or hangs up still ends, as does
+        every call after ``max_duration`` and one whose session timer ran out."""
+        if now - self.answered_at >= max_duration:
+            return "max-duration"
+        if self.session_expires_at is not None and now >= self.session_expires_at:
+            return "session-expired"
+        if self.on_hold:
+            since = self.answered_at if self.held_since is None else self.held_since
+            return "hold-timeout" if now - since >= hold_timeout else None
+        return "media-timeout" if now - self.last_media_at() > media_timeout else None
 
     def _dispatch(self, items: list[AudioChunk | DtmfEvent], now: float) -> None:
         session = self.session

@@ -32,6 +32,9 @@ async def _run(settings: Settings) -> int:
     except DialplanError as exc:
         print(f"earshot: dialplan error: {exc}", file=sys.stderr)
         return 2
+    except ConfigError as exc:  # e.g. an unreadable TLS certificate (gateway/tlsconfig.py)
+        print(f"earshot: configuration error: {exc}", file=sys.stderr)
+        return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0

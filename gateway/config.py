@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from .yamlfile import compose_file, scalar
+from .trunks import Trunk, TrunkError, describe_trunk, parse_trunks, trunks_from_node
 
 ENV_PREFIX = "EARSHOT_"
 # EARSHOT_* variables that are not settings: the file itself, the split-wheel model cache
@@ -40,12 +41,42 @@ class Settings:
     sip_advertise_host: str = ""  # Contact/SDP address; empty: the address the caller dialled
     sip_user_agent: str = "Earshot"
     sip_tcp_idle_s: float = 300.0  # close SIP TCP connections with no traffic for this long; 0: never
+    # SIP over TLS and SRTP (docs/tls-srtp.md)
+    sip_tls: bool = False  # listen for SIP over TLS on sip_tls_port (needs sip_tls_cert_file)
+    sip_tls_port: int = 5061
+    sip_tls_cert_file: str = ""  # PEM certificate chain (ours first)
+    sip_tls_key_file: str = ""  # PEM private key, unencrypted; empty: in sip_tls_cert_file
+    sip_tls_ca_file: str = ""  # PEM CAs: verifies client certificates (trunks' tls_client_cert) and peers we dial
+    sip_tcp_max_per_ip: int = 32  # SIP TCP + TLS connections one IP address may hold (of the 1024 in all)
+    srtp_sdes_insecure: bool = False  # accept SDES keys (a=crypto) over unencrypted SIP (UDP/TCP); they are readable
+    # SIP admission control: trunks, digest auth, rate limits (README "Trunks and security", docs/sip.md)
+    trunks: tuple[Trunk, ...] = ()  # the peers calls are taken from; empty: loopback only (trunk "loopback")
+    sip_unknown_source: str = "drop"  # requests from outside every trunk: drop (silently) or 403 (once, never resent)
+    sip_max_unacked: int = 16  # answered calls from not yet verified sources still waiting for their ACK
+    sip_invite_rate: float = 20.0  # INVITEs per second one source address may send (burst: as many)
+    sip_options_rate: float = 5.0  # OPTIONS per second per source
+    sip_register_rate: float = 2.0  # REGISTER per second per source (refused with 405 anyway)
+    sip_source_msgs_per_s: int = 200  # SIP messages per second per source, before parsing
+    sip_source_bytes_per_s: int = 262_144  # SIP bytes per second per source, before parsing
+    sip_block_s: float = 10.0  # an unverified source over its limits is ignored this long
+    sip_auth_nonce_s: float = 300.0  # a digest nonce is good this long (then stale=true)
+    sip_auth_failures: int = 5  # wrong credentials per source in a minute before it gets only 403
+    sip_loopback_verified: bool = True  # loopback sources count as verified (the kernel drops spoofed ones)
     # RTP
     rtp_host: str = "0.0.0.0"
     rtp_port_min: int = 10000
     rtp_port_max: int = 20000
     rtp_jitter_ms: int = 60
     media_timeout_s: float = 30.0
+    # bounded media and calls (README "Call limits"): latch, call length, hold, session timers, DTMF, backlog
+    rtp_latch: str = "strict"  # strict: media only from the SDP address or the SIP peer's; any: also a stranger after 1 s
+    max_call_s: float = 14_400.0  # every call ends (BYE, reason max-duration) after this long
+    hold_timeout_s: float = 3_600.0  # a held call (sendonly, inactive, c=0.0.0.0) ends after this long (hold-timeout)
+    session_expires_s: int = 1_800  # RFC 4028 session interval we grant at most (refresher=uac)
+    session_min_se_s: int = 90  # shorter Session-Expires gets 422 with this Min-SE
+    dtmf_max_per_s: float = 20.0  # DTMF events per second per call (burst: as many); more are dropped; 0: no cap
+    dtmf_max_per_call: int = 1_000  # DTMF events per call in all; 0: no cap
+    media_backlog_s: float = 10.0  # audio a call may have waiting for the VAD; older audio is dropped (as silence)
     # capacity and shutdown
     max_calls: int = 500
     retry_after_s: int = 30
@@ -59,7 +90,11 @@ class Settings:
     stream_maxlen: int = 100_000
     call_stream_maxlen: int = 2_000
     call_stream_ttl_s: int = 86_400
-    publish_buffer: int = 1_000_000
+    publish_buffer: int = 100_000  # events held in memory; more (and any while Redis is down) go to the spool
+    # durable publishing: the spool, and trimming that spares the persister (docs/events.md, Delivery)
+    publish_spool_file: str = ""  # empty: next to the SQLite database (<db>.spool), else ./earshot-events.spool
+    publish_spool_max_mb: int = 1024  # spool size cap; when reached, events are refused (and counted)
+    publish_spool_after_s: float = 5.0  # Redis unreachable this long: waiting events move to the spool
     # ASR: where turns are transcribed
     asr_backend: str = "embedded"  # embedded: in this process; pool: `earshot worker`s via Redis; openai: an HTTP server
     asr_final_timeout_s: float = 15.0  # a final with no result by then is published with error asr-timeout
@@ -132,6 +167,7 @@ class Settings:
     web_cookie_secure: bool = False  # true when the dashboard is served over HTTPS (behind a TLS proxy)
     web_live_window_s: float = 14_400.0  # on start, rebuild the live board from this much of the event stream
     web_sse_queue: int = 256  # events buffered per SSE connection; a client further behind is disconnected
+    web_stream_recheck_s: float = 10.0  # a live stream re-checks its login/token this often; logged out: it ends
     # streaming and REST APIs (/v1/realtime, /v1/audio/*, /twilio/media, /v1/whip), served by the HTTP server
     api_enabled: bool = True
     api_auth: bool = True  # every API call needs an API token (Authorization: Bearer); false only for trusted networks
@@ -139,6 +175,9 @@ class Settings:
     api_max_upload_mb: int = 200  # largest file POST /v1/audio/transcriptions takes
     twilio_auth_token: str = ""  # Twilio account's auth token: accept streams signed by Twilio (X-Twilio-Signature)
     webrtc_ice_servers: str = ""  # WHIP: STUN/TURN URLs, comma-separated; empty: host candidates only (no lookups)
+    # PCI redaction of transcripts before any sink: Redis, SQL, APIs, logs (docs/redaction.md)
+    redact: str = "pci"  # pci: card numbers, CVV, expiry and SSNs become [REDACTED:...]; off: a deliberate choice
+    redact_hold_ms: int = 3000  # a final ending in digits that may start a card number waits this long for the next
     # process
     event_loop: str = "auto"  # auto: uvloop if installed, else asyncio; or "asyncio" / "uvloop"
     # routing and logging
@@ -151,6 +190,24 @@ class Settings:
         _check_ranges(self)
         _check(1 <= self.sip_port <= 65535, "sip_port", "must be 1..65535")
         _check(self.sip_tcp_idle_s == 0 or self.sip_tcp_idle_s >= 1, "sip_tcp_idle_s", "must be 0 (never) or at least 1 second")
+        # SIP over TLS and SRTP
+        _check(not self.sip_tls or bool(self.sip_tls_cert_file), "sip_tls_cert_file",
+               "required when sip_tls is true (a PEM certificate chain)")
+        _check(not self.sip_tls or self.sip_tls_port == 0 or self.sip_tls_port != self.sip_port
+               or not self.sip_tcp, "sip_tls_port", "must differ from sip_port (TCP listens there)")
+        for trunk in (t for t in self.trunks if isinstance(t, Trunk)):  # their shape is checked below
+            _check(not trunk.tls_client_cert or (self.sip_tls and bool(self.sip_tls_ca_file)), "trunks",
+                   f"{trunk.name}: tls_client_cert needs sip_tls: true and sip_tls_ca_file (the CA that signs "
+                   "the trunks' client certificates)")
+            _check(trunk.srtp != "required" or self.sip_tls or self.srtp_sdes_insecure, "trunks",
+                   f"{trunk.name}: srtp: required needs sip_tls: true (SDES keys are taken over TLS only) "
+                   "or srtp_sdes_insecure: true")
+        # SIP admission control
+        _check(self.sip_unknown_source in ("drop", "403"), "sip_unknown_source", "must be drop or 403")
+        _check(all(isinstance(t, Trunk) for t in self.trunks), "trunks", "must be a list of trunks")
+        # durable publishing
+        _check(not self.publish_spool_file or not Path(self.publish_spool_file).is_dir(), "publish_spool_file",
+               "must be a file path, not a directory")
         _check(0 <= self.http_port <= 65535, "http_port", "must be 0..65535")
         _check(
             1024 <= self.rtp_port_min < self.rtp_port_max <= 65535,
@@ -178,6 +235,11 @@ class Settings:
         _check(self.turn_detection != "semantic" or self.pad_after_ms <= self.semantic_min_silence_ms,
                "semantic_min_silence_ms", "need pad_after_ms <= semantic_min_silence_ms (turn_detection: semantic)")
         _check(self.media_timeout_s > 0, "media_timeout_s", "must be positive")
+        # bounded media and calls
+        _check(self.rtp_latch in ("strict", "any"), "rtp_latch", "must be strict or any")
+        _check(self.session_min_se_s <= self.session_expires_s, "session_min_se_s",
+               "need session_min_se_s <= session_expires_s")
+        _check(self.hold_timeout_s <= self.max_call_s, "hold_timeout_s", "need hold_timeout_s <= max_call_s")
         _check(self.resampler in ("polyphase", "ratecv", "soxr"), "resampler",
                "must be one of polyphase, ratecv, soxr")
         _check(self.log_level.lower() in ("debug", "info", "warning", "error"), "log_level",
@@ -226,6 +288,8 @@ class Settings:
                "must have at least 16 characters (or be empty to use a generated one)")
         _check(self.web_live_window_s > 0, "web_live_window_s", "must be positive")
         _check(self.web_sse_queue >= 8, "web_sse_queue", "must be at least 8")
+        # PCI redaction
+        _check(self.redact in ("pci", "off"), "redact", "must be pci (redact card numbers, the default) or off")
         if self.asr_window not in ("auto", "short"):
             try:
                 ok = 1.0 <= float(self.asr_window) <= 30.0
@@ -252,10 +316,28 @@ class Settings:
 RANGES: dict[str, tuple[float, float]] = {
     "sip_port": (1, 65535),
     "sip_tcp_idle_s": (0, 86_400),
+    "sip_tls_port": (0, 65535),
+    "sip_tcp_max_per_ip": (1, 100_000),
+    "sip_max_unacked": (1, 100_000),
+    "sip_invite_rate": (0.1, 100_000),
+    "sip_options_rate": (0.1, 100_000),
+    "sip_register_rate": (0.1, 100_000),
+    "sip_source_msgs_per_s": (10, 10_000_000),
+    "sip_source_bytes_per_s": (65_536, 10_000_000_000),
+    "sip_block_s": (0, 3600),
+    "sip_auth_nonce_s": (10, 86_400),
+    "sip_auth_failures": (1, 1000),
     "rtp_port_min": (1024, 65535),
     "rtp_port_max": (1024, 65535),
     "rtp_jitter_ms": (0, 1000),
     "media_timeout_s": (1, 3600),
+    "max_call_s": (1, 604_800),
+    "hold_timeout_s": (1, 604_800),
+    "session_expires_s": (90, 86_400),
+    "session_min_se_s": (90, 86_400),
+    "dtmf_max_per_s": (0, 1000),
+    "dtmf_max_per_call": (0, 1_000_000),
+    "media_backlog_s": (1, 600),
     "max_calls": (1, 100_000),
     "retry_after_s": (1, 3600),
     "drain_timeout_s": (0, 3600),
@@ -264,6 +346,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "call_stream_maxlen": (100, 10_000_000),
     "call_stream_ttl_s": (60, 2_592_000),
     "publish_buffer": (1000, 100_000_000),
+    # durable publishing
+    "publish_spool_max_mb": (1, 1_000_000),
+    "publish_spool_after_s": (0, 3600),
     "asr_final_timeout_s": (0.5, 600),
     "asr_partial_timeout_s": (0.1, 60),
     "asr_threads": (0, 256),
@@ -299,9 +384,23 @@ RANGES: dict[str, tuple[float, float]] = {
     "web_session_ttl_s": (60, 2_592_000),
     "web_live_window_s": (60, 604_800),
     "web_sse_queue": (8, 100_000),
+    "web_stream_recheck_s": (0.1, 300),
+    "redact_hold_ms": (0, 10_000),
     "api_sessions_per_token": (1, 100_000),
     "api_max_upload_mb": (1, 10_000),
 }
+
+
+def state_file(database_url: str, configured: str, suffix: str, fallback: str) -> Path:
+    """Where a piece of local state lives (the web secret, the publisher's spool): the setting if
+    given, else beside the SQLite file (``earshot.db`` + ``suffix``), else ``fallback`` in the
+    working directory."""
+    if configured:
+        return Path(configured)
+    if database_url.startswith("sqlite:///"):
+        db = Path(database_url[len("sqlite:///"):].split("?", 1)[0])
+        return db.with_name(db.name + suffix)
+    return Path(fallback)
 
 
 def _check_ranges(settings: "Settings") -> None:
@@ -329,6 +428,13 @@ if _UNRANGED:
 def _coerce(name: str, raw: Any, where: str) -> Any:
     """Turn a file or environment value into the field's type, or explain why not."""
     kind = _FIELDS[name].type
+    if name == "redact" and isinstance(raw, bool):  # YAML 1.1 reads an unquoted off / on as false / true
+        return "pci" if raw else "off"
+    if name == "trunks":
+        try:
+            return parse_trunks(raw, where)
+        except TrunkError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         if kind == "bool":
             if isinstance(raw, bool):
@@ -372,6 +478,12 @@ def _flatten(node: yaml.Node, path: str, prefix: str, out: dict[str, tuple[Any, 
             continue
         if name not in _FIELDS:
             raise ConfigError(f"{where}: unknown setting {name!r}")
+        if name == "trunks":  # structured: parsed here so each entry's errors name its own line
+            try:
+                out[name] = (trunks_from_node(value_node, path), where)
+            except TrunkError as exc:
+                raise ConfigError(str(exc)) from None
+            continue
         value = scalar(value_node)
         out[name] = (value, where)
 
@@ -400,6 +512,8 @@ def load_settings(
         name = key[len(ENV_PREFIX):].lower()
         if name not in _FIELDS:
             raise ConfigError(f"environment variable {key}: unknown setting {name!r}")
+        if any("\udc80" <= c <= "\udcff" for c in raw):  # os.environ keeps bytes that are not UTF-8 so
+            raise ConfigError(f"environment variable {key}: not UTF-8 text")
         values[name] = _coerce(name, raw, f"environment variable {key}")
     for name, raw in overrides.items():
         if raw is not None:
@@ -414,5 +528,65 @@ def load_settings(
 
 
 def describe(settings: Settings) -> dict[str, Any]:
-    """The effective settings as a plain dict (for `earshot config`)."""
-    return dataclasses.asdict(settings)
+    """The effective settings as a plain dict (for `earshot config`), secrets masked (:func:`masked`)."""
+    out = masked(dataclasses.asdict(settings))
+    out["trunks"] = [describe_trunk(t) for t in settings.trunks]  # JSON-safe, passwords masked
+    return out
+
+
+# -- secrets in what is printed and logged (`earshot config`, start-up lines) -- web/config area
+MASK = "***"
+# settings whose whole value is a secret; names ending in these suffixes are too (trunk
+# passwords, keys added later), so a new secret is masked without being listed here
+SECRET_SETTINGS = frozenset({"web_secret_key", "asr_openai_api_key", "twilio_auth_token"})
+SECRET_SUFFIXES = ("password", "secret", "secret_key", "api_key", "auth_token", "token")
+# query parameters that carry credentials in a URL (?password=..., ?token=...)
+_SECRET_QUERY = ("password", "passwd", "pass", "secret", "token", "key", "api_key", "apikey", "auth")
+
+
+def is_secret(name: str) -> bool:
+    name = name.lower()
+    return name in SECRET_SETTINGS or name.endswith(SECRET_SUFFIXES)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password (``scheme://user:PASSWORD@host``) and credential query
+    parameters replaced by ``***``; the user name, host and path stay, so the URL still
+    says where it points. Not a URL: returned as is (it holds no ``user:password@``)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if not isinstance(url, str) or "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}{':' + MASK if colon else ''}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_QUERY for k, _ in pairs):
+            query = urlencode([(k, MASK if k.lower() in _SECRET_QUERY else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to hide (and sqlite:///file keeps its three slashes)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def masked(value: Any, name: str = "") -> Any:
+    """A settings dict (or any value under ``name``) with secrets as ``***`` (empty ones stay
+    empty, so a missing secret still shows) and passwords in URLs masked; nested dicts and
+    lists (trunks) are walked, their keys judged the same way."""
+    if isinstance(value, dict):
+        return {k: masked(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(masked(v, name) for v in value)
+    if isinstance(value, str) and value:
+        if is_secret(name):
+            return MASK
+        if "://" in value:
+            return mask_url(value)
+    return value

@@ -1,6 +1,8 @@
 """Dialplans: YAML routing rules that decide what happens to an incoming call.
 
 Rules are tried in order; the first whose every ``match`` pattern matches wins.
+``trunk`` matches the name of the trunk the call came from (the ``trunks``
+setting), so a plan can route, tag or refuse per trunk.
 A rule either transcribes the call (with tags, a language and a leg label that
 end up in every event) or rejects it with a SIP status. No rule matching means
 the call is rejected with 404, so a typo cannot silently transcribe everything.
@@ -17,7 +19,7 @@ import yaml
 
 from .yamlfile import compose_file, scalar
 
-MATCH_KEYS = ("to_user", "from_user", "to", "from", "source")
+MATCH_KEYS = ("to_user", "from_user", "to", "from", "source", "trunk")
 
 
 class DialplanError(ValueError):
@@ -33,6 +35,7 @@ class Route:
     tags: tuple[str, ...] = ()
     language: str | None = None
     leg: str = "caller"
+    redact: str | None = None  # PCI redaction for the call: pci or off; None: the redact setting (docs/redaction.md)
 
 
 @dataclass
@@ -42,8 +45,9 @@ class Rule:
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     route: Route = field(default_factory=lambda: Route(rule="default"))
 
-    def matches(self, *, to_uri: str, from_uri: str, to_user: str, from_user: str, source: str) -> bool:
-        values = {"to_user": to_user, "from_user": from_user, "to": to_uri, "from": from_uri}
+    def matches(self, *, to_uri: str, from_uri: str, to_user: str, from_user: str, source: str,
+                trunk: str = "") -> bool:
+        values = {"to_user": to_user, "from_user": from_user, "to": to_uri, "from": from_uri, "trunk": trunk}
         for key, pattern in self.patterns.items():
             if not pattern.search(values[key]):
                 return False
@@ -66,10 +70,13 @@ class Dialplan:
     def accept_all(cls) -> "Dialplan":
         return cls([Rule(name="default")])
 
-    def route(self, *, to_uri: str, from_uri: str, to_user: str, from_user: str, source: str) -> Route:
+    def route(self, *, to_uri: str, from_uri: str, to_user: str, from_user: str, source: str,
+              trunk: str = "") -> Route:
+        """The first matching rule's route. ``trunk``: the name of the trunk the call came
+        from (gateway/trunks.py), empty when unknown; ``trunk: "."`` matches any trunk."""
         for rule in self.rules:
             if rule.matches(to_uri=to_uri, from_uri=from_uri, to_user=to_user, from_user=from_user,
-                            source=source):
+                            source=source, trunk=trunk):
                 return rule.route
         return Route(rule="<no match>", action="reject", status=404, reason="Not Found")
 
@@ -104,7 +111,7 @@ def load_dialplan(path: str | Path) -> Dialplan:
 
 def _rule(path: str, index: int, node: yaml.Node) -> Rule:
     items = _mapping(node, path, f"rule {index + 1}")
-    allowed = {"name", "match", "action", "status", "reason", "tags", "language", "leg"}
+    allowed = {"name", "match", "action", "status", "reason", "tags", "language", "leg", "redact"}
     for key, (knode, _v) in items.items():
         if key not in allowed:
             raise _fail(path, knode, f"unknown rule key {key!r} (allowed: {', '.join(sorted(allowed))})")
@@ -144,6 +151,13 @@ def _rule(path: str, index: int, node: yaml.Node) -> Rule:
         tags = tuple(str(t) for t in value)
     language = str(scalar(items["language"][1])) if "language" in items else None
     leg = str(scalar(items["leg"][1])) if "leg" in items else "caller"
+    redact = None
+    if "redact" in items:
+        value = scalar(items["redact"][1])
+        redact = "off" if value is False else "pci" if value is True else str(value)  # YAML 1.1 reads off as false
+        if redact not in ("pci", "off"):
+            raise _fail(path, items["redact"][1], f"redact must be 'pci' or 'off', not {redact!r}")
     reason = str(scalar(items["reason"][1])) if "reason" in items else "Forbidden"
-    route = Route(rule=name, action=action, status=status, reason=reason, tags=tags, language=language, leg=leg)
+    route = Route(rule=name, action=action, status=status, reason=reason, tags=tags, language=language, leg=leg,
+                  redact=redact)
     return Rule(name=name, patterns=patterns, networks=tuple(networks), route=route)

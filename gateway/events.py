@@ -254,6 +254,7 @@ class CallStarted(Payload):
     local_media_port: int | None = int_field()
     transport: str | None = text_field(8)
     dialplan_rule: str | None = text_field(256)
+    trunk: str | None = text_field(64)
     language: str | None = text_field(16, null=True)
     legs: tuple[str, ...] = strings_field(64)
 
@@ -270,6 +271,7 @@ class TurnPartial(Payload):
     language: str | None = text_field(16)
     confidence: Confidence | None = object_field(Confidence)
     asr: AsrInfo | None = object_field(AsrInfo)
+    redactions: int | None = int_field()  # spans replaced by PCI redaction (gateway/output/redact.py)
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,7 @@ class TurnFinal(Payload):
     asr: AsrInfo | None = object_field(AsrInfo)
     latency_ms: float | None = number_field()  # set by the publisher when Redis accepts the event
     error: str | None = text_field(32)
+    redactions: int | None = int_field()  # spans replaced by PCI redaction (gateway/output/redact.py)
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,7 @@ class Dtmf(Payload):
     digit: str = text_field(8, required=True, empty=False)
     duration_ms: int | None = int_field()
     offset_ms: int | None = int_field()
+    redactions: int | None = int_field()  # 1: the digit was masked as * (a card context was active)
 
 
 @dataclass(frozen=True)
@@ -511,7 +515,7 @@ class Event:
         info = CallInfo(call_id=call_id, sip_call_id=sip["sip_call_id"], from_uri=sip["from"], to_uri=sip["to"],
                         tags=tags, source=source)
         tail = event_id.rpartition(":")[2]
-        number = int(tail) if tail.isdigit() and len(tail) <= 12 else 0
+        number = int(tail) if tail.isascii() and tail.isdigit() and len(tail) <= 12 else 0
         return cls(kind, info, number, payload, leg, when.timestamp(), schema=schema, event_id=event_id)
 
 

@@ -29,6 +29,25 @@ class _SnapshotCollector(Collector):
                                 value=s.get("publish_backlog", 0))
         yield GaugeMetricFamily("earshot_draining", "1 while shutting down", value=s.get("draining", 0))
         yield GaugeMetricFamily("earshot_asr_queue", "ASR requests waiting", value=s.get("asr_queued", 0))
+        # durable publishing (docs/events.md, Delivery)
+        for name, help_text in (
+            ("publish_spooled", "Events waiting in the publish spool file"),
+            ("publish_spool_bytes", "Size of the publish spool file"),
+            ("publish_spool_full", "1 while the publish spool is at publish_spool_max_mb (events are refused)"),
+            ("publish_spool_ok", "0 when a spool file was configured but cannot be used (held, unwritable)"),
+            ("stream_trim_held", "Entries over stream_maxlen kept because the persister group has not read them"),
+        ):
+            yield GaugeMetricFamily(f"earshot_{name}", help_text, value=s.get(name, 0))
+        if "persister_lag" in s:
+            yield GaugeMetricFamily("earshot_persister_lag", "Event stream entries the persister group has not "
+                                    "acknowledged yet (undelivered + pending)", value=s["persister_lag"])
+        for name, help_text in (
+            ("publish_refused", "Events lost because the publish buffer and the spool were both full"),
+            ("publish_replayed", "Events published from the spool"),
+            ("publish_duplicates", "Events sent again (retry, replay) that Redis already had: not written twice"),
+            ("stream_trimmed_unread", "Event stream entries found trimmed before the persister group read them"),
+        ):
+            yield CounterMetricFamily(f"earshot_{name}", help_text, value=s.get(name, 0))
         if "persister_db_up" in s:
             yield GaugeMetricFamily("earshot_persister_db_up", "1 while the SQL store is reachable",
                                     value=s["persister_db_up"])
@@ -40,10 +59,23 @@ class _SnapshotCollector(Collector):
             ("rtp_foreign_packets", "RTP packets from a source other than the latched one"),
             ("rtp_malformed_packets", "Datagrams on RTP ports that were not valid RTP"),
             ("rtp_rtcp_packets", "RTCP packets read and ignored"),
+            ("rtp_overrun_samples", "Audio samples dropped for running ahead of wall-clock time (8 kHz)"),
+            ("dtmf_dropped", "DTMF events over the per-call cap (dtmf_max_per_s, dtmf_max_per_call), not published"),
             ("sip_messages_in", "SIP messages received"),
             ("sip_messages_out", "SIP messages sent"),
             ("sip_malformed", "Malformed SIP messages"),
             ("sip_tcp_idle_closed", "SIP TCP connections closed after sip_tcp_idle_s without traffic"),
+            ("sip_unknown_source", "SIP requests from outside every trunk, dropped or refused with 403 (sip_unknown_source)"),
+            ("sip_rate_limited", "SIP messages dropped for a source's rate limits (sip_*_rate, sip_source_*_per_s)"),
+            ("sip_blocked", "SIP messages ignored from sources on the short block list (sip_block_s)"),
+            ("sip_unsent_unverified", "SIP responses not sent to an unverified source: they would exceed what it sent"),
+            ("sip_auth_failures", "SIP digest answers refused (wrong credentials, replayed or foreign nonce)"),
+            ("sip_tcp_refused", "SIP TCP/TLS connections refused: over 1024 in all or sip_tcp_max_per_ip from one address"),
+            ("sip_tls_handshake_failures", "SIP TLS handshakes that failed, or lacked a client certificate the trunk requires"),
+            ("srtp_packets", "SRTP packets authenticated and decrypted"),
+            ("srtp_auth_failures", "Datagrams on SRTP calls that failed authentication (wrong key, tampered, plain RTP)"),
+            ("srtp_replayed", "SRTP packets refused by replay protection"),
+            ("srtp_errors", "Datagrams on SRTP calls libsrtp refused otherwise (too short, too long)"),
             ("published_events", "Events written to Redis"),
             ("dropped_partials", "Partial transcripts dropped because the publish buffer was full"),
             ("asr_batches", "Whisper model calls"),
@@ -52,6 +84,7 @@ class _SnapshotCollector(Collector):
             ("persister_stored", "Events written to the SQL store"),
             ("persister_duplicates", "Replayed events the SQL store already had"),
             ("persister_poison", "Unreadable events skipped by the persister"),
+            ("persister_trimmed", "Pending entries trimmed from the stream before the persister stored them"),
             ("persister_db_failures", "Failed SQL transactions (retried)"),
         ):
             yield CounterMetricFamily(f"earshot_{name}", help_text, value=s.get(name, 0))

@@ -52,6 +52,7 @@ from .events import (
     TurnFinal,
     TurnPartial,
 )
+from .identity import clean_event_body
 
 if TYPE_CHECKING:  # SQLAlchemy and redis.asyncio load with the persister, not with the package
     import redis.asyncio as aioredis
@@ -75,6 +76,11 @@ def default_consumer_name() -> str:
 
 class PoisonEvent(ValueError):
     """A stream entry that is not a valid event; it is acknowledged and skipped."""
+
+
+class TrimmedEntry(PoisonEvent):
+    """A pending entry that is no longer in the stream: trimmed (or deleted) before it was stored.
+    The event is lost to the store; counted apart from poison and logged as an error."""
 
 
 @dataclass
@@ -114,7 +120,7 @@ def parse_entry(stream_id: bytes | str, fields: dict[Any, Any] | None) -> Stream
     """Decode and validate one stream entry written by the gateway's publisher."""
     sid = stream_id.decode("ascii", "replace") if isinstance(stream_id, bytes) else str(stream_id)
     if not fields:
-        raise PoisonEvent("entry no longer in the stream (trimmed or deleted)")
+        raise TrimmedEntry("entry no longer in the stream (trimmed or deleted before it was stored)")
     raw = _field(fields, "data")
     if raw is None:
         raise PoisonEvent("entry has no 'data' field")
@@ -128,7 +134,8 @@ def parse_entry(stream_id: bytes | str, fields: dict[Any, Any] | None) -> Stream
             raise
         raise PoisonEvent(f"'data' is not valid JSON: {exc}") from None
     try:
-        event = Event.from_wire(body)
+        # identities not cleaned at ingress (older producers) must not make the call's events poison
+        event = Event.from_wire(clean_event_body(body))
     except EventError as exc:
         raise PoisonEvent(str(exc)) from None
     return StreamEvent(stream_id=sid, event=event, body=body)
@@ -470,6 +477,7 @@ class Persister:
         self.stored = 0
         self.duplicates = 0
         self.poison = 0
+        self.trimmed = 0  # pending entries gone from the stream before they were stored
         self.acked = 0
         self.batches = 0
         self.db_failures = 0
@@ -545,7 +553,8 @@ class Persister:
 
     def snapshot(self) -> dict[str, float]:
         return {"persister_stored": self.stored, "persister_duplicates": self.duplicates,
-                "persister_poison": self.poison, "persister_db_failures": self.db_failures,
+                "persister_poison": self.poison, "persister_trimmed": self.trimmed,
+                "persister_db_failures": self.db_failures,
                 "persister_redis_failures": self.redis_failures, "persister_db_up": float(self.db_ok),
                 "persister_redis_up": float(self.redis_ok)}
 
@@ -681,6 +690,10 @@ class Persister:
         for stream_id, fields in entries:
             try:
                 events.append(parse_entry(stream_id, fields))
+            except TrimmedEntry:
+                self.trimmed += 1
+                log.error("persister: entry %r of %s was trimmed before it was stored: its event is lost to the "
+                          "store (earshot_persister_trimmed_total)", stream_id, self.stream)
             except PoisonEvent as exc:
                 poison.append((stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id), str(exc)))
         if events:

@@ -50,6 +50,7 @@ from .asr.interface import (
 from .events import TURN_FINAL, TURN_PARTIAL, Event, EventFactory
 from .media.resample import upsample_8k_to_16k
 from .media.wideband import Decimator, SampleHistory
+from .output.redact import Release, Redactor
 from .media.turn import (
     EndOfTurnQuery,
     PartialDue,
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 8000
 CHUNK = 256  # 32 ms at 8 kHz: Silero's chunk size
 CHUNK_BYTES = CHUNK * 2
+_SILENT_CHUNK = np.zeros(CHUNK, np.int16)  # what a chunk shed from the backlog is heard as
 
 
 # Context for the next turn: the last few finals' texts (the transcriber keeps only
@@ -153,6 +155,15 @@ LegObservation = SpeechStarted | SpeechStopped | TurnPublished | TurnDropped | T
 EndOfTurn = Callable[[np.ndarray], Awaitable[float]]
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A final's payload (text not yet redacted) waiting for the redactor to release it."""
+
+    data: dict[str, object]
+    turn: int  # the detector's turn index (for the observer)
+    speech_end: float
+
+
 @dataclass
 class _Speculation:
     start_sample: int
@@ -188,12 +199,15 @@ class LegPipeline:
         manual_turns: bool = False,
         observer: Callable[[LegObservation], None] | None = None,
         end_of_turn: EndOfTurn | None = None,
+        redactor: "Redactor[_Pending] | None" = None,
+        max_backlog: int = 0,
     ) -> None:
         """``wideband``: the leg is fed 16 kHz audio (:meth:`feed_wideband`), which Whisper hears
         as it is, while the VAD hears an 8 kHz copy. ``manual_turns``: the VAD does not end turns;
         :meth:`commit` does (OpenAI Realtime with ``turn_detection: null``). ``end_of_turn``: the
         model the semantic policy asks at a pause; without one such turns end at
-        ``semantic_max_silence_ms``."""
+        ``semantic_max_silence_ms``. ``redactor``: PCI redaction of every text before it is
+        published (gateway/output/redact.py); it may hold a final back to read it with the next."""
         self.key = key
         self.leg = leg
         self.session = session
@@ -242,6 +256,15 @@ class LegPipeline:
         self._end_of_turn = end_of_turn
         self._queries: set[asyncio.Task[None]] = set()
         self._end_of_turn_failed = False  # logged once per leg
+        self._redactor = redactor
+        self._redaction_timer: asyncio.TimerHandle | None = None
+        self._turn_open = False  # the VAD is in a turn (a held final waits for its final)
+        # backlog cap: beyond max_backlog chunks waiting for the VAD, the oldest are shed (their audio
+        # dropped) and later heard as silence without the model, so memory stays bounded and the
+        # timeline exact while the VAD is behind; 0: no cap
+        self._max_backlog = max_backlog
+        self._shed = 0  # shed chunks not yet heard: they come right after those in flight
+        self.shed_chunks = 0
         self._manual_start = 0  # first 8 kHz sample of the uncommitted buffer (manual turns)
         self._manual_turn = 0
         self._fed = 0  # 8 kHz samples fed (chunked or pending)
@@ -265,6 +288,15 @@ class LegPipeline:
             chunk = np.frombuffer(bytes(pending[:CHUNK_BYTES]), dtype=np.int16)
             del pending[:CHUNK_BYTES]
             self._ready.append((chunk, now))
+        if self._max_backlog and len(self._ready) > self._max_backlog:
+            excess = len(self._ready) - self._max_backlog
+            if not self.shed_chunks:
+                log.warning("%s: more than %d chunks wait for the VAD; shedding the oldest as silence",
+                            self.key, self._max_backlog)
+            for _ in range(excess):
+                self._ready.popleft()
+            self._shed += excess
+            self.shed_chunks += excess
 
     def feed_wideband(self, pcm: np.ndarray, now: float) -> None:
         """Append 16 kHz int16 audio (a wideband leg): kept for ASR, decimated for the VAD."""
@@ -295,7 +327,7 @@ class LegPipeline:
             self._manual_start = self._fed
             return
         # chunks already appended but not yet through the VAD belong to the cleared buffer too
-        self._cleared_through = self._processed + len(self._inflight) + len(self._ready)
+        self._cleared_through = self._processed + len(self._inflight) + self._shed + len(self._ready)
         self._pending[:] = bytes(len(self._pending))  # and the part of a chunk not yet complete
         for event in self._detector.flush():
             if isinstance(event, (TurnFinal, TurnDiscarded)):
@@ -323,6 +355,8 @@ class LegPipeline:
 
     # -- VadStream protocol
     def next_chunk(self) -> np.ndarray | None:
+        if self._shed and not self._inflight:
+            self._hear_shed()
         if not self._ready:
             return None
         chunk, arrival = self._ready.popleft()
@@ -338,6 +372,15 @@ class LegPipeline:
         for event in self._detector.feed(chunk, probability):
             self._handle(event)
         self._end_turns_due()
+        if self._shed and not self._inflight:
+            self._hear_shed()
+
+    def _hear_shed(self) -> None:
+        """The chunks shed from the backlog, in their place on the timeline: silence."""
+        shed, self._shed = self._shed, 0
+        for _ in range(shed):
+            self._inflight.append(self._clock())
+            self.on_vad(_SILENT_CHUNK, 0.0)
 
     def end_turn(self) -> None:
         """Turn detection on: end the open turn (reason ``commit``) right after the last complete
@@ -345,7 +388,7 @@ class LegPipeline:
         Audio appended after this call belongs to the next turn. :class:`TurnEndHeard` follows."""
         if self.manual_turns:
             raise RuntimeError("end_turn() is for legs with turn detection; use commit()")
-        self._turn_ends.append(self._processed + len(self._inflight) + len(self._ready))
+        self._turn_ends.append(self._processed + len(self._inflight) + self._shed + len(self._ready))
         self._end_turns_due()
 
     def _end_turns_due(self) -> None:
@@ -362,13 +405,19 @@ class LegPipeline:
 
     @property
     def has_backlog(self) -> bool:
-        return bool(self._ready) or bool(self._inflight)
+        return bool(self._ready) or bool(self._inflight) or bool(self._shed)
 
     # -- turn events
     def _handle(self, event: object) -> None:
         if self.manual_turns:
             return  # the client ends turns (commit); the VAD only runs for its cost's sake
+        if isinstance(event, (TurnFinal, TurnDiscarded)):
+            self._turn_open = False
         if isinstance(event, TurnStarted):
+            self._turn_open = True
+            if self._redactor is not None and self._redactor.holding:
+                self._redactor.speech(self._clock())  # a held final waits for this turn's final
+                self._arm_redaction()
             origin = self._origin_ms()
             self._observe(SpeechStarted(self.leg, event.turn, round(origin + event.start_sample * 1000 / SAMPLE_RATE)))
             return
@@ -522,10 +571,42 @@ class LegPipeline:
             data["asr"]["speculative"] = speculative
         else:
             data["error"] = error
-        final = self._events.make(TURN_FINAL, data, leg=self.leg, speech_end_monotonic=speech_end)
+        pending = _Pending(data, event.turn, speech_end)
+        if self._redactor is None:
+            self._emit_final(pending)
+            return
+        for release in self._redactor.final(text, self._clock(), pending):
+            self._emit_final(release.item, release)
+        if self._redactor.holding and (self._turn_open or self._finalised_through > event.turn):
+            self._redactor.speech(self._clock())  # the next turn is already under way: wait for its final
+        self._arm_redaction()
+
+    def _emit_final(self, pending: "_Pending", release: "Release[_Pending] | None" = None) -> None:
+        data = pending.data
+        if release is not None:
+            data = {**data, "text": release.text, "redactions": release.count}
+        final = self._events.make(TURN_FINAL, data, leg=self.leg, speech_end_monotonic=pending.speech_end)
         self._publish(final)
         self.turns_published += 1
-        self._observe(TurnPublished(self.leg, event.turn, final))
+        self._observe(TurnPublished(self.leg, pending.turn, final))
+
+    def _arm_redaction(self) -> None:
+        """A timer for the redactor's held finals (they go out when it fires, redacted as they stand)."""
+        if self._redaction_timer is not None:
+            self._redaction_timer.cancel()
+            self._redaction_timer = None
+        deadline = self._redactor.deadline if self._redactor is not None else None
+        if deadline is not None and not self.closed:
+            delay = max(0.0, deadline - self._clock())
+            self._redaction_timer = asyncio.get_running_loop().call_later(delay, self._redaction_due)
+
+    def _redaction_due(self) -> None:
+        self._redaction_timer = None
+        if self._redactor is None:
+            return
+        for release in self._redactor.due(self._clock()):
+            self._emit_final(release.item, release)
+        self._arm_redaction()
 
     def _start_partial(self, event: PartialDue) -> None:
         if self._final_chain is not None and not self._final_chain.done():
@@ -549,6 +630,12 @@ class LegPipeline:
         text = result.text.strip()
         if not text:
             return
+        redactions = None
+        if self._redactor is not None:
+            redacted = self._redactor.partial(text, self._clock())
+            if redacted is None:
+                return  # it might be the start of a card number, or a final is held: never out unredacted
+            text, redactions = redacted.text, redacted.count
         count = self._partials_published.get(event.turn, 0) + 1
         self._partials_published[event.turn] = count
         origin = self._origin_ms()
@@ -559,6 +646,8 @@ class LegPipeline:
             "text": text,
             "partial": count,
         }
+        if redactions is not None:
+            data["redactions"] = redactions
         data.update(_result_fields(result))
         partial = self._events.make(TURN_PARTIAL, data, leg=self.leg)
         self._publish(partial)
@@ -683,6 +772,12 @@ class LegPipeline:
                 await self._final_chain
             except Exception:
                 log.exception("final publication failed for %s", self.key)
+        if self._redactor is not None:
+            if self._redaction_timer is not None:
+                self._redaction_timer.cancel()
+                self._redaction_timer = None
+            for release in self._redactor.flush(self._clock()):
+                self._emit_final(release.item, release)
 
 
 def _measure(value: float, digits: int) -> float | None:

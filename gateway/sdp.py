@@ -9,17 +9,30 @@ other stream with port 0 as RFC 3264 section 6 requires.
 The parser keeps lines it does not interpret (``a=``, ``b=``, ``k=``...), so a
 description survives a parse/serialize round trip, but it is strict about the
 lines negotiation depends on (``v=``, ``o=``, ``c=``, ``m=``, ``rtpmap``).
+
+SRTP with SDES (RFC 4568): ``negotiate(srtp=...)`` accepts RTP/SAVP(F)
+streams, and RTP/AVP streams carrying ``a=crypto`` (best-effort SRTP, as PJSIP
+and others offer it), when the policy allows; the answer takes the first
+``a=crypto`` line of a suite we support, in the offerer's order, and carries
+our own fresh key under the same tag.  Crypto lines we cannot honour (unknown
+suite, MKI, several keys, session parameters) are skipped, as RFC 4568 6.1
+asks.  Whether SDES is allowed at all (only over TLS by default: the keys are
+in the SDP) is the caller's decision, passed in as the policy.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
     "Connection",
+    "Crypto",
     "MediaDescription",
     "Negotiated",
     "NoAcceptableCodec",
@@ -27,8 +40,11 @@ __all__ = [
     "RtpMap",
     "SdpError",
     "SessionDescription",
+    "SrtpKeys",
+    "SrtpNotAcceptable",
     "build_offer",
     "negotiate",
+    "parse_crypto",
     "parse_sdp",
     "read_answer",
     "serialize_sdp",
@@ -36,6 +52,15 @@ __all__ = [
 
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 RTP_PROTOS = ("RTP/AVP", "RTP/AVPF")
+SRTP_PROTOS = ("RTP/SAVP", "RTP/SAVPF")
+SRTP_POLICIES = ("off", "optional", "required")
+#: SDES suites and their inline key length (master key + salt), our preference first (RFC 4568, RFC 7714).
+#: gateway/rtp/srtp.py maps the same names to libsrtp profiles.
+CRYPTO_SUITES: dict[str, int] = {
+    "AEAD_AES_128_GCM": 28,
+    "AES_CM_128_HMAC_SHA1_80": 30,
+    "AES_CM_128_HMAC_SHA1_32": 30,
+}
 
 # RFC 3551 static payload types that a telephone trunk may offer without rtpmap.
 STATIC_PAYLOADS: dict[int, tuple[str, int]] = {
@@ -63,6 +88,35 @@ class SdpError(ValueError):
 
 class NoAcceptableCodec(SdpError):
     """No audio stream with a codec we can decode: answer 488."""
+
+
+class SrtpNotAcceptable(NoAcceptableCodec):
+    """The offer's media security does not fit the SRTP policy: answer 488."""
+
+
+@dataclass(frozen=True)
+class Crypto:
+    """One ``a=crypto`` line (RFC 4568 9.1) with a single inline key and no MKI."""
+
+    tag: int
+    suite: str
+    key: bytes  # master key followed by master salt
+    lifetime: str | None = None
+
+    def __str__(self) -> str:
+        inline = base64.b64encode(self.key).decode("ascii")
+        return f"{self.tag} {self.suite} inline:{inline}" + (f"|{self.lifetime}" if self.lifetime else "")
+
+
+@dataclass(frozen=True)
+class SrtpKeys:
+    """The negotiated SDES keys of one stream: ``remote_key`` protects what the peer
+    sends (we decrypt with it), ``local_key`` is ours, from our answer or offer."""
+
+    suite: str
+    remote_key: bytes
+    local_key: bytes
+    tag: int
 
 
 @dataclass
@@ -187,12 +241,62 @@ class Negotiated:
     remote_direction: str
     on_hold: bool
     ptime_ms: int
+    srtp: SrtpKeys | None = None  # None: plain RTP
 
 
 # ---------------------------------------------------------------------------
 # Parsing
 
-_LINE_RE = re.compile(r"([a-z])=(.*)")
+_CRYPTO_RE = re.compile(r"(\d{1,9})[ \t]+([A-Za-z0-9_]+)[ \t]+(\S+)((?:[ \t]+\S+)*)[ \t]*")
+_LIFETIME_RE = re.compile(r"(?:2\^\d{1,2}|\d{1,20})")
+
+
+def parse_crypto(value: str) -> Crypto:
+    """Parse the value of an ``a=crypto`` attribute; raises :class:`SdpError`
+    for anything we could not honour (RFC 4568: such lines are ignored)."""
+    m = _CRYPTO_RE.fullmatch(value or "")
+    if not m:
+        raise SdpError(f"Malformed a=crypto: {str(value)[:40]!r}")
+    tag, suite, key_params, session_params = int(m.group(1)), m.group(2), m.group(3), m.group(4).split()
+    if suite not in CRYPTO_SUITES:
+        raise SdpError(f"Unsupported crypto suite {suite[:40]!r}")
+    if session_params:  # UNENCRYPTED_SRTP, KDR, FEC_ORDER...: none of them is honoured here
+        raise SdpError(f"Unsupported crypto session parameter {session_params[0][:40]!r}")
+    if ";" in key_params:
+        raise SdpError("Several keys in one a=crypto line (needs MKI) are not supported")
+    method, colon, info = key_params.partition(":")
+    if method.lower() != "inline" or not colon:
+        raise SdpError(f"Unsupported crypto key method {method[:20]!r}")
+    key_text, *options = info.split("|")
+    lifetime: str | None = None
+    for option in options:
+        if ":" in option:
+            raise SdpError("MKI in a=crypto is not supported")
+        if not _LIFETIME_RE.fullmatch(option) or lifetime is not None:
+            raise SdpError(f"Malformed a=crypto key lifetime {option[:20]!r}")
+        lifetime = option
+    try:
+        key = base64.b64decode(key_text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SdpError("Malformed a=crypto key (not base64)") from None
+    if len(key) != CRYPTO_SUITES[suite]:
+        raise SdpError(f"a=crypto key for {suite} must be {CRYPTO_SUITES[suite]} bytes, got {len(key)}")
+    return Crypto(tag, suite, key, lifetime)
+
+
+def _cryptos(md: MediaDescription) -> list[Crypto]:
+    """The stream's usable a=crypto lines, in the offerer's order."""
+    out = []
+    for name, value in md.attributes:
+        if name.lower() == "crypto":
+            try:
+                out.append(parse_crypto(value or ""))
+            except SdpError:
+                continue
+    return out
+
+# RFC 4566 byte-string: no NUL or CR inside a line (a bare CR would reach our answer via a=fmtp).
+_LINE_RE = re.compile(r"([a-z])=([^\x00\r]*)")
 _RTPMAP_RE = re.compile(r"(\d{1,3})\s+([A-Za-z0-9_.\-]+)/(\d{1,6})(?:/(\d{1,2}))?\s*")
 _FMTP_RE = re.compile(r"(\d{1,3})\s+(.*)")
 
@@ -213,11 +317,12 @@ def _parse_media(value: str) -> MediaDescription:
         raise SdpError(f"Malformed m= line: {value[:60]!r}")
     media, port_text, proto, *formats = parts
     port_str, slash, count_str = port_text.partition("/")
-    if not port_str.isdigit() or int(port_str) > 65535 or (slash and not count_str.isdigit()):
+    # isascii(): str.isdigit() is also true for "²", which int() refuses
+    if not _digits(port_str) or int(port_str) > 65535 or (slash and not _digits(count_str)):
         raise SdpError(f"Malformed m= port: {port_text[:20]!r}")
     if proto.upper().startswith("RTP/"):
         for fmt in formats:
-            if not fmt.isdigit() or int(fmt) > 127:
+            if not _digits(fmt) or int(fmt) > 127:
                 raise SdpError(f"Malformed payload type in m= line: {fmt[:20]!r}")
     return MediaDescription(
         media=media,
@@ -228,8 +333,12 @@ def _parse_media(value: str) -> MediaDescription:
     )
 
 
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def _parse_int_attr(name: str, value: str | None) -> int:
-    if value is None or not re.fullmatch(r"\s*\d{1,5}(\.\d+)?\s*", value):
+    if value is None or not re.fullmatch(r"[ \t]*[0-9]{1,5}(\.[0-9]+)?[ \t]*", value):  # \s, \d: Unicode too
         raise SdpError(f"Malformed a={name} attribute")
     return int(float(value))
 
@@ -441,26 +550,53 @@ def negotiate(
     codecs: Sequence[str] = ("PCMU", "PCMA"),
     session_id: int,
     session_version: int,
+    srtp: str = "off",
+    keep_srtp: SrtpKeys | None = None,
+    new_key: Callable[[int], bytes] = os.urandom,
 ) -> Negotiated:
-    """Answer ``offer`` as a pure listener; raises :class:`NoAcceptableCodec`.
+    """Answer ``offer`` as a pure listener; raises :class:`NoAcceptableCodec`
+    (:class:`SrtpNotAcceptable` when media security is what does not fit).
 
-    The first audio stream (RTP/AVP or RTP/AVPF, non-zero port) carrying a
-    codec in ``codecs`` is used, choosing the codec the offerer listed first;
-    every other stream is rejected with port 0.
+    The first audio stream (RTP/AVP(F), or RTP/SAVP(F) when SRTP is allowed,
+    non-zero port) carrying a codec in ``codecs`` is used, choosing the codec
+    the offerer listed first; every other stream is rejected with port 0.
+
+    ``srtp``: ``off`` (plain RTP only; a=crypto ignored), ``optional`` (SRTP
+    when offered, else plain), ``required`` (a stream without a usable
+    a=crypto is refused).  ``keep_srtp``: the stream's current keys (a
+    re-INVITE): an unchanged offered key keeps our answer key too.
+    ``new_key(n)``: ``n`` random bytes, our master key and salt.
     """
+    if srtp not in SRTP_POLICIES:
+        raise ValueError(f"srtp must be one of {SRTP_POLICIES}")
     wanted = {c.upper(): c for c in codecs}
     chosen_index: int | None = None
     chosen: tuple[int, str, RtpMap] | None = None
+    crypto: Crypto | None = None
+    srtp_refusal = ""  # why a stream was passed over for its media security
     for index, md in enumerate(offer.media):
-        if md.media.lower() != "audio" or md.port == 0 or md.proto.upper() not in RTP_PROTOS:
+        proto = md.proto.upper()
+        if md.media.lower() != "audio" or md.port == 0 or proto not in RTP_PROTOS + SRTP_PROTOS:
+            continue
+        usable = _cryptos(md) if srtp != "off" else []
+        candidate = usable[0] if usable else None
+        if proto in SRTP_PROTOS and candidate is None:
+            srtp_refusal = srtp_refusal or (
+                f"SRTP ({md.proto}) offered, but not accepted here" if srtp == "off"
+                else "No usable a=crypto (we take AES_CM_128_HMAC_SHA1_80/32, AEAD_AES_128_GCM; no MKI)")
+            continue
+        if srtp == "required" and candidate is None:
+            srtp_refusal = srtp_refusal or "SRTP required: offer RTP/SAVP with a=crypto"
             continue
         pick = _choose_codec(md, wanted)
         if pick is not None:
-            chosen_index, chosen = index, pick
+            chosen_index, chosen, crypto = index, pick, candidate
             break
     if chosen is None or chosen_index is None:
         if not any(md.media.lower() == "audio" for md in offer.media):
             raise NoAcceptableCodec("No audio stream offered")
+        if srtp_refusal:
+            raise SrtpNotAcceptable(srtp_refusal)
         raise NoAcceptableCodec(f"No acceptable audio codec offered (we take {', '.join(codecs)})")
     md = offer.media[chosen_index]
     connection = offer.connection_for(md)
@@ -469,6 +605,13 @@ def negotiate(
     pt, codec, encoding = chosen
     dtmf = _dtmf_payload(md)
     remote_direction = offer.direction_of(md)
+    keys: SrtpKeys | None = None
+    if crypto is not None:
+        if keep_srtp is not None and (keep_srtp.suite, keep_srtp.remote_key) == (crypto.suite, crypto.key):
+            local_key = keep_srtp.local_key
+        else:
+            local_key = new_key(CRYPTO_SUITES[crypto.suite])
+        keys = SrtpKeys(crypto.suite, crypto.key, local_key, crypto.tag)
 
     answer_media: list[MediaDescription] = []
     for index, other in enumerate(offer.media):
@@ -484,6 +627,8 @@ def negotiate(
             audio.fmtp[dtmf] = md.fmtp.get(dtmf, "0-15")
         audio.ptime = md.ptime
         audio.direction = _answer_direction(remote_direction)
+        if keys is not None:
+            audio.attributes.append(("crypto", str(Crypto(keys.tag, keys.suite, keys.local_key))))
         answer_media.append(audio)
 
     addrtype = _addrtype(local_host)
@@ -503,6 +648,7 @@ def negotiate(
         remote_direction=remote_direction,
         on_hold=remote_direction in ("sendonly", "inactive") or connection.is_hold,
         ptime_ms=md.ptime or 20,
+        srtp=keys,
     )
 
 
@@ -516,13 +662,22 @@ def build_offer(
     dtmf_payload_type: int | None = 101,
     direction: str = "recvonly",
     ptime_ms: int | None = 20,
+    srtp: str = "off",
+    new_key: Callable[[int], bytes] = os.urandom,
 ) -> SessionDescription:
-    """Our offer, for a delayed-offer INVITE or an offerless re-INVITE."""
+    """Our offer, for a delayed-offer INVITE or an offerless re-INVITE.
+
+    ``srtp="required"`` offers RTP/SAVP with one a=crypto per suite (fresh
+    keys); ``off`` and ``optional`` offer plain RTP/AVP, which every peer
+    understands (a best-effort a=crypto in RTP/AVP is not standard)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}")
+    if srtp not in SRTP_POLICIES:
+        raise ValueError(f"srtp must be one of {SRTP_POLICIES}")
     reverse = {name: pt for pt, (name, _) in STATIC_PAYLOADS.items()}
     formats: list[str] = []
-    audio = MediaDescription("audio", local_port, "RTP/AVP", formats, ptime=ptime_ms, direction=direction)
+    proto = "RTP/SAVP" if srtp == "required" else "RTP/AVP"
+    audio = MediaDescription("audio", local_port, proto, formats, ptime=ptime_ms, direction=direction)
     next_dynamic = 96
     for codec in codecs:
         pt = reverse.get(codec.upper())
@@ -536,6 +691,9 @@ def build_offer(
         formats.append(str(dtmf_payload_type))
         audio.rtpmap[dtmf_payload_type] = RtpMap("telephone-event", 8000)
         audio.fmtp[dtmf_payload_type] = "0-15"
+    if srtp == "required":
+        for tag, (suite, size) in enumerate(CRYPTO_SUITES.items(), start=1):
+            audio.attributes.append(("crypto", str(Crypto(tag, suite, new_key(size)))))
     addrtype = _addrtype(local_host)
     return SessionDescription(
         origin=Origin("earshot", str(session_id), str(session_version), "IN", addrtype, local_host),
@@ -549,19 +707,32 @@ def read_answer(offer: SessionDescription, answer: SessionDescription) -> Negoti
     """Interpret the peer's answer to our :func:`build_offer` offer.
 
     The codec is the first format in the answer's audio stream that we
-    offered; the answer's direction is from the peer's point of view.
+    offered; the answer's direction is from the peer's point of view.  To an
+    SRTP offer the answer must accept one of our a=crypto tags (RFC 4568 7.1.3).
     """
     ours = next((md for md in offer.media if md.media.lower() == "audio"), None)
     if ours is None:
         raise SdpError("Our offer has no audio stream")
+    secure = ours.proto.upper() in SRTP_PROTOS
+    our_cryptos = {c.tag: c for c in _cryptos(ours)}
     offered: dict[int, RtpMap] = {}
     for pt in ours.payload_types():
         enc = ours.encoding_of(pt)
         if enc is not None:
             offered[pt] = enc
     for md in answer.media:
-        if md.media.lower() != "audio" or md.port == 0 or md.proto.upper() not in RTP_PROTOS:
+        wanted_protos = SRTP_PROTOS if secure else RTP_PROTOS
+        if md.media.lower() != "audio" or md.port == 0 or md.proto.upper() not in wanted_protos:
             continue
+        keys: SrtpKeys | None = None
+        if secure:
+            for crypto in _cryptos(md):
+                mine = our_cryptos.get(crypto.tag)
+                if mine is not None and mine.suite == crypto.suite:
+                    keys = SrtpKeys(crypto.suite, crypto.key, mine.key, crypto.tag)
+                    break
+            if keys is None:
+                raise SrtpNotAcceptable("Answer accepts none of our a=crypto lines")
         codec_pt: int | None = None
         dtmf: int | None = None
         for pt in md.payload_types():
@@ -588,5 +759,8 @@ def read_answer(offer: SessionDescription, answer: SessionDescription) -> Negoti
             remote_direction=direction,
             on_hold=direction in ("sendonly", "inactive") or connection.is_hold,
             ptime_ms=md.ptime or ours.ptime or 20,
+            srtp=keys,
         )
+    if secure:
+        raise SrtpNotAcceptable("Answer has no RTP/SAVP audio stream for our SRTP offer")
     raise NoAcceptableCodec("Answer accepts none of our codecs")

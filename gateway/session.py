@@ -27,6 +27,7 @@ import numpy as np
 
 from .events import CALL_ENDED, CALL_STARTED, DTMF, CallInfo, Event, EventError, EventFactory, Source
 from .media.turn import TurnConfig
+from .output.redact import CardContext, Redactor
 from .pipeline import EndOfTurn, LegObservation, LegPipeline
 
 if TYPE_CHECKING:
@@ -64,6 +65,10 @@ class Session:
     opened_at: float  # monotonic
     listeners: list[Callable[[Event], None]] = field(default_factory=list)
     dtmf_count: int = 0
+    # PCI redaction (docs/redaction.md): the legs' shared card context and each leg's redactor;
+    # None / empty with redact: off
+    card_context: CardContext | None = None
+    redactors: dict[str, Redactor[Any]] = field(default_factory=dict)
     ended: bool = False
     end_reason: str | None = None
     _ending: asyncio.Task[None] | None = None
@@ -102,8 +107,19 @@ class Session:
         if self.ended:
             return
         self.dtmf_count += 1
-        self.publish(self.events.make(DTMF, {"digit": digit, "duration_ms": int(duration_ms),
-                                             "offset_ms": self.offset_ms(now)}, leg=leg))
+        data: dict[str, Any] = {"digit": digit, "duration_ms": int(duration_ms), "offset_ms": self.offset_ms(now)}
+        masked = self.card_context.dtmf(digit, time.monotonic()) if self.card_context is not None else None
+        if masked is not None:
+            data.update(digit=masked, redactions=1)  # a key pressed while card details are being given
+        self.publish(self.events.make(DTMF, data, leg=leg))
+
+    def redactor(self, leg: str) -> "Redactor[Any] | None":
+        """The leg's redactor (a leg without a pipeline, as a REST upload's, gets one here); None: off."""
+        if self.card_context is None:
+            return None
+        if leg not in self.redactors:
+            self.redactors[leg] = self.host.new_redactor(self.card_context)
+        return self.redactors[leg]
 
     # -- events out
     def publish(self, event: Event) -> None:
@@ -153,7 +169,8 @@ class SessionHost:
              observer: Callable[[LegObservation], None] | None = None,
              listeners: list[Callable[[Event], None]] | None = None,
              session_id: str | None = None, sip_call_id: str = "", from_uri: str = "", to_uri: str = "",
-             origin_ms: Callable[[], float] | None = None, admit: bool = True) -> Session:
+             origin_ms: Callable[[], float] | None = None, admit: bool = True,
+             redact: str | None = None) -> Session:
         """A new session with its legs registered for VAD, and its ``call.started`` published.
 
         ``session_id`` (the call id) is for a source that must name the session before it
@@ -161,6 +178,7 @@ class SessionHost:
         ``from_uri`` and ``to_uri`` are a SIP session's; ``origin_ms`` places the legs' sample 0
         in the session (a SIP call's first RTP packet after the answer). ``admit=False``: the
         caller has already admitted the session (SIP call control answers 503 itself).
+        ``redact``: ``pci`` or ``off`` for this session (a dialplan rule's); None: the ``redact`` setting.
         """
         if admit and self.draining:
             raise SessionLimit("draining")
@@ -177,6 +195,8 @@ class SessionHost:
         with_partials = self.partials if partials is None else partials
         session = Session(id=session_id, info=info, events=events, legs={}, host=self,
                           opened_at=time.monotonic(), listeners=list(listeners or []))
+        if (redact or s.redact) != "off":
+            session.card_context = CardContext()
         for spec in legs:
             session.legs[spec.name] = LegPipeline(
                 key=f"{session_id}/{spec.name}",
@@ -198,6 +218,8 @@ class SessionHost:
                 manual_turns=spec.manual_turns,
                 observer=observer,
                 end_of_turn=self.end_of_turn,
+                redactor=session.redactor(spec.name),
+                max_backlog=int(s.media_backlog_s * 8000 / 256),  # media_backlog_s in 32 ms VAD chunks
                 **({"origin_ms": origin_ms} if origin_ms is not None else {}),
             )
         for pipeline in session.legs.values():
@@ -209,6 +231,9 @@ class SessionHost:
             **(started or {}),
         }))
         return session
+
+    def new_redactor(self, context: CardContext) -> "Redactor[Any]":
+        return Redactor(context, hold_s=self.settings.redact_hold_ms / 1000)
 
     async def _finish(self, session: Session, reason: str, extra: dict[str, Any]) -> None:
         try:

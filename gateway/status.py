@@ -16,7 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from .config import Settings
+from .config import Settings, mask_url
 from .presence import read_presence
 
 __all__ = ["collect_status", "render_status", "status_command"]
@@ -107,7 +107,7 @@ def status_command(settings: Settings, *, as_json: bool = False) -> int:
     try:
         status = asyncio.run(collect_status(settings))
     except (RedisError, OSError) as exc:
-        print(f"earshot status: Redis at {settings.redis_url} is unreachable: {exc}", file=sys.stderr)
+        print(f"earshot status: Redis at {mask_url(settings.redis_url)} is unreachable: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2, default=str) if as_json else render_status(status))
     return 0

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 import redis
 from redis.exceptions import RedisError
 
+from .config import mask_url
 from .events import (
     CallEnded,
     CallStarted,
@@ -21,9 +22,12 @@ from .events import (
     parse_fields,
 )
 
-# C0 and C1 control characters, DEL, and the line/paragraph separators: a caller's
-# From header or a transcript must not move the cursor or recolour the terminal
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 and C1 control characters, DEL, the line/paragraph separators and the bidi marks
+# (gateway/identity.py): a caller's From header or a transcript must not move the cursor,
+# recolour the terminal or reorder what the operator reads. Ingress already removes them;
+# this covers events from older producers, escaped so the operator sees they were there.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+                      "\ud800-\udfff]")
 
 
 def clean(value: object) -> str:
@@ -90,7 +94,7 @@ def tail(
             try:
                 reply = client.xread({stream: last_id}, block=block_ms, count=100)
             except RedisError as exc:
-                print(f"earshot tail: cannot read {stream} from {redis_url}: {exc}", file=sys.stderr)
+                print(f"earshot tail: cannot read {stream} from {mask_url(redis_url)}: {clean(exc)}", file=sys.stderr)
                 return 1
             if not reply:
                 idle += block_ms / 1000

@@ -13,9 +13,17 @@ def compose_file(path: str | Path, error: type[Exception], what: str) -> yaml.No
     Raises ``error`` with "<path>: cannot read <what>: ..." or "<path> line N: not valid YAML: ...".
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # where the first bad byte is, as an editor counts it: line and column (both 1-based)
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise error(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); "
+                    f"save the {what} as UTF-8") from None
     try:
         return yaml.compose(text)
     except yaml.YAMLError as exc:

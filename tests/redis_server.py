@@ -65,10 +65,12 @@ def free_media_ports() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, data_dir: str | None = None) -> None:
+        """``data_dir``: keep the data there (AOF, fsync always), so a stop and start keeps it."""
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (run deploy/setup.sh)")
         self.port = port or free_port()
+        self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,9 +78,10 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
+        persist = (["--appendonly", "yes", "--appendfsync", "always", "--dir", self.data_dir]
+                   if self.data_dir else ["--appendonly", "no"])
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persist],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

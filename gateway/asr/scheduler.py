@@ -15,9 +15,13 @@ live call needs from a shared recognizer:
 - Fairness. Within a lane, requests are taken round-robin across fairness
   groups (a call), first in, first out within a group: one call's flood of
   turns gets one share, not the whole recognizer.
-- Bounds. Each lane and each group holds a bounded number of requests; past
-  that a request is refused with :class:`AsrOverloaded` (a partial would be
-  refused too, which costs nothing but a preview).
+- Bounds. Each lane and each group holds a bounded number of requests. A
+  call with ``max_group_finals`` waiting loses its oldest waiting final to a
+  new one; a full finals lane sheds the oldest final of the call holding the
+  most (a flooding call pays, not a quiet one). A final shed (or refused) fails
+  with :class:`AsrOverloaded` (published with error ``asr-overload``, never
+  dropped silently); a partial past its bounds is refused, which costs
+  nothing but a preview.
 - Overload. When more finals wait than ``overload_backlog`` (here, plus
   ``backlog_elsewhere``: a pool worker's share of the finals waiting in
   Redis), the batch is flagged: the engine then decodes finals the cheap way
@@ -175,6 +179,9 @@ class AsrScheduler:
                 return future
             groups = self._lanes[lane]
             queue = groups.get(request.fairness_group)
+            if lane == "final":
+                self._make_room_for_final(request.fairness_group)
+                queue = groups.get(request.fairness_group)
             lane_limit, group_limit = ((limits.max_finals, limits.max_group_finals) if lane == "final"
                                        else (limits.max_partials, limits.max_group_partials))
             if self._counts[lane] >= lane_limit or (queue is not None and len(queue) >= group_limit):
@@ -194,6 +201,32 @@ class AsrScheduler:
             self._cond.notify()
         future.add_done_callback(lambda f, job=job: self._withdraw(job) if f.cancelled() else None)
         return future
+
+    def _make_room_for_final(self, group: str) -> None:
+        """Bounds on finals, fairly (lock held): a call at ``max_group_finals`` loses its own
+        oldest waiting final; a full lane loses the oldest final of the call holding the most
+        (the newcomer's own call when it is one of those). The final shed fails with
+        :class:`AsrOverloaded` (the turn is published with error ``asr-overload``): the newest
+        speech is what a live call needs, and the oldest is the nearest to its deadline anyway."""
+        limits = self.limits
+        groups = self._lanes["final"]
+        mine = groups.get(group)
+        if mine is not None and len(mine) >= limits.max_group_finals:
+            self._shed(mine[0], f"session {group!r} already holds the most finals allowed "
+                                f"({limits.max_group_finals}); its oldest waiting final is dropped")
+            return
+        if self._counts["final"] < limits.max_finals or not groups:
+            return
+        largest = max(groups, key=lambda name: len(groups[name]))
+        victim = group if mine is not None and len(mine) >= len(groups[largest]) else largest
+        self._shed(groups[victim][0], f"the queue holds the most finals allowed ({limits.max_finals}); "
+                                      f"the oldest of session {victim!r}, which holds the most, is dropped")
+
+    def _shed(self, job: Job, reason: str) -> None:
+        self._remove(job)
+        self.dropped["shed"] += 1
+        if job.future.set_running_or_notify_cancel():
+            job.future.set_exception(AsrOverloaded(f"{self.name}: {reason}"))
 
     def cancel(self, request_id: str) -> bool:
         """Withdraw a request that has not started; True if it was waiting."""

@@ -24,6 +24,7 @@ events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -48,6 +49,8 @@ from ..asr.interface import (
     Word,
 )
 from ..events import TURN_FINAL, Source
+from ..output.redact import Release, redact, redact_words
+from ..identity import safe_text
 from ..pipeline import _result_fields
 from ..session import Session, SessionLimit
 from .auth import LimitExceeded
@@ -194,6 +197,7 @@ class _Outcome:
     piece: Piece
     result: TranscriptionResult | None
     error: str = ""  # the TranscriptionError code when there is no result
+    redactions: int | None = None  # spans PCI redaction replaced in the text (None: redaction off)
 
 
 class UploadJob:
@@ -223,11 +227,22 @@ class UploadJob:
         published = 0
         tasks = [asyncio.create_task(self._transcribe(piece)) for piece in self.pieces]
         try:
-            for task, future in zip(tasks, self.outcomes):
+            redactor = self.session.redactor(LEG)  # docs/redaction.md: pieces are read like a leg's turns
+            for index, (task, future) in enumerate(zip(tasks, self.outcomes)):
                 outcome = await task
-                if self._publish(outcome, published + 1):
-                    published += 1
-                future.set_result(outcome)
+                if redactor is None:
+                    ready = [(outcome, future)]
+                else:
+                    text = outcome.result.text.strip() if outcome.result is not None else ""
+                    now = time.monotonic()
+                    releases = redactor.final(text, now, (outcome, future))
+                    if index == len(tasks) - 1:
+                        releases += redactor.flush(now)
+                    ready = [(_redacted(release), release.item[1]) for release in releases]
+                for done, its_future in ready:
+                    if self._publish(done, published + 1):
+                        published += 1
+                    its_future.set_result(done)
         except BaseException as exc:
             for task in tasks:
                 task.cancel()
@@ -289,8 +304,30 @@ class UploadJob:
             data["asr"]["speculative"] = False
         else:
             data["error"] = outcome.error
+        if outcome.redactions is not None:
+            data["redactions"] = outcome.redactions
         session.publish(session.events.make(TURN_FINAL, data, leg=LEG))
         return True
+
+
+def _redacted(release: "Release[tuple[_Outcome, asyncio.Future[_Outcome]]]") -> _Outcome:
+    """The outcome with its text (and word timestamps) as the redactor released them."""
+    outcome = release.item[0]
+    result = outcome.result
+    if result is None:
+        return dataclasses.replace(outcome, redactions=release.count)
+    words = result.words
+    if words and release.count:
+        joined = "".join(w.word for w in words)
+        if joined.strip() == result.text.strip():
+            lead = len(joined) - len(joined.lstrip())
+            spans = [dataclasses.replace(s, start=s.start + lead, end=s.end + lead) for s in release.spans]
+        else:  # the words do not spell the text exactly: read them on their own, as a card context
+            spans = list(redact(joined, context=True).spans)
+        words = tuple(Word(*w) for w in redact_words(((w.word, w.start, w.end, w.probability) for w in words),
+                                                      spans))
+    return dataclasses.replace(outcome, redactions=release.count,
+                               result=dataclasses.replace(result, text=release.text, words=words))
 
 
 def _transcript(options: Options, outcomes: list[_Outcome], duration: float) -> Transcript:
@@ -413,7 +450,7 @@ class RestApi:
         too_large = ApiError(413, f"the file is larger than {settings.api_max_upload_mb} MB, the most this "
                              "Earshot takes (api_max_upload_mb)", param="file", code="file_too_large")
         length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit + FORM_SLACK:
+        if length.isascii() and length.isdigit() and int(length) > limit + FORM_SLACK:
             raise too_large
         hold = self.api.limits.hold(caller)
         try:
@@ -446,7 +483,7 @@ class RestApi:
                     pcm = await asyncio.to_thread(decode, upload.file, max_seconds=MAX_AUDIO_S)
                 except UploadError as exc:
                     raise ApiError(400, f"{exc.reason}", param="file", code=exc.code) from None
-                filename = (upload.filename or "upload")[:255]
+                filename = safe_text(upload.filename, 255) or "upload"  # caller-controlled (gateway/identity.py)
             finally:
                 await form.close()
             pieces = await asyncio.to_thread(self._cut, pcm, f"rest/{request_id}")

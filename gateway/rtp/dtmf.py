@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gateway.rtp.packet import RtpPacket
 
-__all__ = ["DTMF_DIGITS", "DtmfDecoder", "DtmfEvent"]
+__all__ = ["DTMF_DIGITS", "DtmfDecoder", "DtmfEvent", "DtmfLimiter"]
 
 #: Event codes 0-16 (RFC 4733 section 3.2); 16 is hook flash.
 DTMF_DIGITS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "*", "#", "A", "B", "C", "D", "flash")
@@ -97,3 +97,42 @@ class DtmfDecoder:
         self._ended = False
         self._emitted.append(timestamp)
         return DtmfEvent(DTMF_DIGITS[code], duration * 1000 // self.clock_rate, volume, timestamp)
+
+
+class DtmfLimiter:
+    """Per-call cap on DTMF events: a token bucket of ``per_second`` (burst of as
+    many) and at most ``per_call`` events in all; 0 switches a bound off.
+
+    A sender that changes the timestamp of every telephone-event packet makes
+    every packet a new event, each one published and stored: without a cap one
+    caller can flood the event stream. Events over the cap are counted in
+    ``dropped`` and not passed on. Time is the caller's ``now`` (sans-I/O).
+    """
+
+    __slots__ = ("per_second", "per_call", "accepted", "dropped", "_tokens", "_at")
+
+    def __init__(self, per_second: float = 20.0, per_call: int = 1000) -> None:
+        if per_second < 0 or per_call < 0:
+            raise ValueError(f"DTMF limits must be >= 0, got {per_second}/s and {per_call} per call")
+        self.per_second = per_second
+        self.per_call = per_call
+        self.accepted = 0
+        self.dropped = 0
+        self._tokens = float(per_second)
+        self._at: float | None = None
+
+    def allow(self, now: float) -> bool:
+        """One event at ``now``: True if it may be published."""
+        if self.per_call and self.accepted >= self.per_call:
+            self.dropped += 1
+            return False
+        if self.per_second:
+            if self._at is not None and now > self._at:
+                self._tokens = min(self.per_second, self._tokens + (now - self._at) * self.per_second)
+            self._at = now if self._at is None else max(self._at, now)
+            if self._tokens < 1.0:
+                self.dropped += 1
+                return False
+            self._tokens -= 1.0
+        self.accepted += 1
+        return True

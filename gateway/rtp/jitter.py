@@ -18,6 +18,12 @@ Design choices, all for a 2-core box carrying 25,000 packets/s:
   filled like losses. A gap that is negative or longer than ``max_gap``
   seconds is treated as a sender timestamp reset: the timeline continues
   where it was (no fill), counted in ``stats.resyncs``.
+* With ``gap_slack`` set, the sender's timestamps are not trusted further
+  than the arrival times: a gap is filled only if that much time passed
+  between the two packets' arrivals (plus the slack). A larger jump is a
+  resync that fills just the time that really passed, so a sender that
+  advances its timestamp seconds per packet cannot make the buffer
+  synthesize seconds of silence per packet.
 * A sequence number far outside the window (RFC 3550 A.1 style
   MAX_DROPOUT/MAX_MISORDER) is held on probation and only accepted (resync)
   when a neighbour confirms it, so a single stray packet cannot derail a call.
@@ -86,7 +92,7 @@ class JitterBuffer:
     __slots__ = (
         "clock_rate", "max_delay", "max_packets", "max_gap", "stats",
         "_buffer", "_started", "_next_seq", "_highest", "_next_ts", "_ts_shift",
-        "_anchor", "_fresh", "_history", "_probation",
+        "_anchor", "_fresh", "_history", "_probation", "gap_slack", "_last_at",
     )
 
     def __init__(
@@ -95,6 +101,7 @@ class JitterBuffer:
         max_delay: float = 0.06,
         max_packets: int = 64,
         max_gap: float = 5.0,
+        gap_slack: float | None = None,
     ) -> None:
         if clock_rate <= 0:
             raise ValueError(f"clock_rate must be positive, got {clock_rate}")
@@ -102,10 +109,15 @@ class JitterBuffer:
             raise ValueError(f"max_delay must be >= 0, got {max_delay}")
         if max_packets < 1:
             raise ValueError(f"max_packets must be >= 1, got {max_packets}")
+        if gap_slack is not None and gap_slack < 0:
+            raise ValueError(f"gap_slack must be >= 0, got {gap_slack}")
         self.clock_rate = clock_rate
         self.max_delay = max_delay
         self.max_packets = max_packets
         self.max_gap = int(max_gap * clock_rate)
+        #: Samples a gap may exceed the arrival-time difference by; None: timestamps are trusted.
+        self.gap_slack = None if gap_slack is None else int(gap_slack * clock_rate)
+        self._last_at: float | None = None  # arrival time of the last audio packet placed
         self.stats = JitterStats()
         # extended sequence number -> (packet, samples, arrival time)
         self._buffer: dict[int, tuple[RtpPacket, int, float]] = {}
@@ -143,7 +155,7 @@ class JitterBuffer:
         if delta == 0 and not self._buffer:  # fast path: in order, nothing held
             if self._probation is not None:
                 self._probation_reset()
-            self._emit(packet, samples, out)
+            self._emit(packet, samples, out, now)
             self._next_seq += 1
             self._highest = self._next_seq - 1
             self._history = ((self._history << 1) | 1) & _HISTORY_MASK
@@ -205,10 +217,11 @@ class JitterBuffer:
         self._next_seq = sequence
         self._highest = sequence - 1
 
-    def _emit(self, packet: RtpPacket, samples: int, out: list[Frame]) -> None:
-        """Place an audio packet on the timeline, filling any gap before it."""
+    def _emit(self, packet: RtpPacket, samples: int, out: list[Frame], at: float) -> None:
+        """Place an audio packet (arrived at ``at``) on the timeline, filling any gap before it."""
         if samples <= 0:
             return
+        last_at, self._last_at = self._last_at, at
         if self._anchor:
             if self._fresh:
                 self._next_ts = packet.timestamp
@@ -218,20 +231,27 @@ class JitterBuffer:
         next_ts = self._next_ts
         gap = (((packet.timestamp - self._ts_shift - next_ts) & _TS_MASK) ^ _TS_HALF) - _TS_HALF
         if gap:
-            if 0 < gap <= self.max_gap:
-                out.append(Frame(next_ts, gap, None, packet.payload_type))
-                next_ts += gap
-            else:  # timestamp reset or absurd jump: continue the timeline without a fill
-                self._ts_shift = (packet.timestamp - next_ts) & _TS_MASK
+            fill = gap if 0 < gap <= self.max_gap else 0  # else a timestamp reset or absurd jump
+            if self.gap_slack is not None and last_at is not None:
+                # a packet arrives when its last sample was sent: the time that passed
+                # since the previous one's arrival covers the gap and this packet
+                passed = round((at - last_at) * self.clock_rate) - samples
+                if fill != gap or gap > passed + self.gap_slack:
+                    fill = min(max(passed, 0), self.max_gap)
+            if fill != gap:
                 self.stats.resyncs += 1
+                self._ts_shift = (packet.timestamp - next_ts - fill) & _TS_MASK
+            if fill:
+                out.append(Frame(next_ts, fill, None, packet.payload_type))
+                next_ts += fill
         out.append(Frame(next_ts, samples, packet.payload, packet.payload_type))
         self._next_ts = next_ts + samples
 
     def _release_run(self, out: list[Frame]) -> None:
         buffer = self._buffer
         while self._next_seq in buffer:
-            packet, samples, _ = buffer.pop(self._next_seq)
-            self._emit(packet, samples, out)
+            packet, samples, at = buffer.pop(self._next_seq)
+            self._emit(packet, samples, out, at)
             self._next_seq += 1
             self._history = ((self._history << 1) | 1) & _HISTORY_MASK
 

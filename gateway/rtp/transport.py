@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random as _random
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,8 @@ MAX_DATAGRAM = 9216
 
 OnDatagram = Callable[[bytes, tuple[str, int]], None]
 
+_rng = _random.SystemRandom()
+
 
 class NoFreePortError(RuntimeError):
     """Every RTP port in the configured range is allocated or taken by another process."""
@@ -38,31 +41,50 @@ class NoFreePortError(RuntimeError):
 class RtpPortAllocator:
     """Hands out even RTP ports from ``start..end`` (inclusive), RTCP being port + 1.
 
-    Released ports go to the back of the queue, so a port is reused as late
-    as possible and stray packets of an ended call rarely reach a new one.
+    The port is drawn at random from the free ones (``random=True``, the
+    default), so a stranger cannot predict a new call's port and aim RTP at it
+    before the caller's first packet (RFC 3550 and RFC 7201 advise against
+    predictable ports). A released port first waits in a quarantine of up to
+    half the range, oldest out first, so it is reused as late as possible and
+    stray packets of an ended call rarely reach a new one. Allocation and
+    release are O(1) (a swap-remove on a list). ``random=False`` hands out
+    ports in order (tests, debugging).
     """
 
-    def __init__(self, start: int = 10000, end: int = 20000) -> None:
+    def __init__(self, start: int = 10000, end: int = 20000, *, random: bool = True) -> None:
         first = start + (start & 1)
         if not 0 < start <= end <= 65535 or first + 1 > end:
             raise ValueError(f"RTP port range {start}-{end} holds no even/odd port pair")
         self.start = start
         self.end = end
-        self._free: deque[int] = deque(range(first, end, 2))
+        ports = list(range(first, end, 2))
+        self._random = _rng if random else None
+        if not random:
+            ports.reverse()  # pop() from the end hands out the lowest first
+        self._free: list[int] = ports
+        self._quarantine: deque[int] = deque()
+        self._quarantine_size = len(ports) // 2
         self._in_use: set[int] = set()
 
     @property
     def capacity(self) -> int:
-        return len(self._free) + len(self._in_use)
+        return len(self._free) + len(self._quarantine) + len(self._in_use)
 
     @property
     def available(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._quarantine)
 
     def allocate(self) -> int:
-        if not self._free:
+        free = self._free
+        if free:
+            if self._random is not None:
+                index = self._random.randrange(len(free))
+                free[index], free[-1] = free[-1], free[index]
+            port = free.pop()
+        elif self._quarantine:
+            port = self._quarantine.popleft()
+        else:
             raise NoFreePortError(f"all {self.capacity} RTP ports in {self.start}-{self.end} are allocated")
-        port = self._free.popleft()
         self._in_use.add(port)
         return port
 
@@ -70,7 +92,9 @@ class RtpPortAllocator:
         """Return a port; releasing a port that is not allocated is a no-op."""
         if port in self._in_use:
             self._in_use.remove(port)
-            self._free.append(port)
+            self._quarantine.append(port)
+            while len(self._quarantine) > self._quarantine_size:
+                self._free.append(self._quarantine.popleft())
 
 
 class _RtpProtocol(asyncio.DatagramProtocol):
@@ -168,24 +192,35 @@ def _bind_udp(host: str, port: int) -> socket.socket:
 async def open_rtp_socket(host: str, port_allocator: RtpPortAllocator, on_datagram: OnDatagram) -> RtpSocket:
     """Bind a free RTP/RTCP port pair on ``host`` and deliver RTP datagrams to ``on_datagram``.
 
-    Ports another process holds are skipped (they go back to the end of the
-    allocator's queue). Raises :class:`NoFreePortError` when none is left.
+    Ports another process holds are skipped (held aside until this call ends,
+    then released, so every free port is tried once). Raises
+    :class:`NoFreePortError` when none is left.
     """
+    skipped: list[int] = []
+    try:
+        return await _open_rtp_socket(host, port_allocator, on_datagram, skipped)
+    finally:
+        for port in skipped:
+            port_allocator.release(port)
+
+
+async def _open_rtp_socket(host: str, port_allocator: RtpPortAllocator, on_datagram: OnDatagram,
+                           skipped: list[int]) -> RtpSocket:
     loop = asyncio.get_running_loop()
-    for _ in range(port_allocator.capacity):
+    for _ in range(max(port_allocator.available, 1)):  # none free: allocate() says so
         port = port_allocator.allocate()
         try:
             rtp_sock = _bind_udp(host, port)
         except OSError as exc:
             logger.debug("RTP port %d unavailable: %s", port, exc)
-            port_allocator.release(port)
+            skipped.append(port)
             continue
         try:
             rtcp_sock = _bind_udp(host, port + 1)
         except OSError as exc:
             logger.debug("RTCP port %d unavailable: %s", port + 1, exc)
             rtp_sock.close()
-            port_allocator.release(port)
+            skipped.append(port)
             continue
         try:
             rtp, _ = await loop.create_datagram_endpoint(lambda: _RtpProtocol(on_datagram), sock=rtp_sock)

@@ -89,6 +89,9 @@ class Dialog(Timed):
         self.hangup_requested = False
         self.bye: ClientTransaction | None = None
         self.ended = False
+        # False while the source is unverified (gateway.sip.admission): no 2xx retransmission
+        # on timers and no BYE after an ACK timeout, both of which would hit a spoofed victim.
+        self.retransmit = True
         self._send = send
         self._timers = timers
 
@@ -101,7 +104,10 @@ class Dialog(Timed):
     def start_answer(self, answer: PendingAnswer, now: float) -> None:
         """Begin retransmitting ``answer`` (it has just been sent once)."""
         self.pending_answer = answer
-        self._set_timers(retransmit=now + answer.interval, give_up=now + self._timers.timeout)
+        if self.retransmit:
+            self._set_timers(retransmit=now + answer.interval, give_up=now + self._timers.timeout)
+        else:
+            self._set_timers(give_up=now + self._timers.timeout)
 
     def stop_answer(self) -> PendingAnswer | None:
         answer, self.pending_answer = self.pending_answer, None
@@ -166,17 +172,22 @@ def _strip_for_request_uri(uri: str) -> str:
     return str(parsed)
 
 
-def next_hop(uri: str, fallback: Peer) -> Peer:
-    """Peer to send a request to, given the next-hop URI.
+def next_hop(uri: str, source: Peer) -> Peer:
+    """Where a request we originate in a dialog goes: the dialog's source only.
 
-    The dialog's transport is kept (the call arrived over it, the peer
-    listens on it); ``maddr`` overrides the host; an unparsable or non-SIP
-    URI falls back to where the INVITE came from.
+    The host is always the address the dialog came from (the trunk), whatever
+    the remote target or route set say: a Contact, Record-Route or ``maddr``
+    naming a third party must not turn Earshot into a request cannon. Over UDP,
+    or on a TCP connection still open, the source port too (symmetric
+    signalling, NAT-safe). A TCP dialog whose connection is gone opens a new
+    one to the same IP address at the port ``uri`` names, where the peer said
+    it listens (RFC 3261 18.2.2 does the same with Via for responses).
     """
+    if source.transport == "udp" or source.connection is not None:
+        return source
     try:
         parsed = SipUri.parse(uri)
     except ValueError:
-        return fallback
-    host = parsed.params.get("maddr") or parsed.host
+        return source
     port = parsed.port or (5061 if parsed.scheme == "sips" else 5060)
-    return Peer(fallback.transport, host, port, fallback.connection)
+    return Peer(source.transport, source.host, port, None)

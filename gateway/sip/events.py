@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.sip.message import SipRequest
+from gateway.trunks import Trunk
 
 __all__ = [
     "CallCancelled",
@@ -21,6 +22,7 @@ __all__ = [
     "Peer",
     "ReInvite",
     "ReInviteAck",
+    "SessionRefreshed",
     "Transmit",
 ]
 
@@ -33,7 +35,7 @@ class Peer:
     UDP, or for TCP when a new connection has to be opened).
     """
 
-    transport: str  # "udp" | "tcp"
+    transport: str  # "udp" | "tcp" | "tls"
     host: str
     port: int
     connection: int | None = None
@@ -52,17 +54,19 @@ class Transmit:
 
 @dataclass
 class IncomingCall:
-    """A new INVITE; ``100 Trying`` is already queued.
+    """A new INVITE; ``100 Trying`` is already queued (to a verified source).
 
     The application must call ``answer()`` or ``reject()``.  An empty
     ``offer`` is a delayed-offer INVITE: ``answer()`` then takes our *offer*
-    and the peer's answer arrives in :class:`CallConfirmed`.
+    and the peer's answer arrives in :class:`CallConfirmed`.  ``trunk`` is the
+    trunk the INVITE came from (None without admission control).
     """
 
     dialog_id: str
     request: SipRequest
     offer: bytes
     peer: Peer
+    trunk: Trunk | None = None
 
 
 @dataclass
@@ -122,4 +126,15 @@ class MalformedMessage:
     reason: str
 
 
-Event = IncomingCall | CallConfirmed | CallCancelled | ReInvite | ReInviteAck | CallEnded | MalformedMessage
+@dataclass(frozen=True)
+class SessionRefreshed:
+    """A 2xx granted an RFC 4028 session timer (answer, re-INVITE or UPDATE):
+    the caller must refresh within ``interval`` seconds, or the application
+    ends the call. ``interval`` 0: the request asked for no timer (none runs)."""
+
+    dialog_id: str
+    interval: int
+
+
+Event = (IncomingCall | CallConfirmed | CallCancelled | ReInvite | ReInviteAck | CallEnded | MalformedMessage
+         | SessionRefreshed)

@@ -108,6 +108,11 @@ _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)")
 
 MAX_CSEQ = 2**31 - 1
 MAX_CONTENT_LENGTH = 1 << 24
+# Bounds on the header section, checked before anything else is parsed: every lookup
+# walks the header list, so thousands of headers would make one datagram cost
+# milliseconds of loop time. Real trunks send a few dozen lines, none near 8 KB.
+MAX_HEADER_LINES = 200
+MAX_HEADER_LINE = 8192
 
 
 def canonical_name(name: str) -> str:
@@ -592,6 +597,8 @@ def _parse_header_lines(lines: list[str], headers: Headers) -> str | None:
         name = name.rstrip(" \t")
         if not colon or not _HEADER_NAME_RE.fullmatch(name):
             return "Bad Request - Malformed header line"
+        if "\r" in value:  # a bare CR: echoed in our responses, a line break to CR-splitting peers
+            return "Bad Request - Bare CR in header"
         headers.add(name, value.strip(" \t"))
     return None
 
@@ -680,6 +687,7 @@ def parse_message(data: bytes) -> SipRequest | SipResponse:
     if not data:
         raise SipParseError("Bad Request - Empty message")
     head_bytes, rest = _split_head(data)
+    _check_head_size(head_bytes)
     head = head_bytes.decode(ENCODING, ERRORS)
     lines = _unfold(head)
     start = lines[0]
@@ -738,6 +746,28 @@ def parse_message(data: bytes) -> SipRequest | SipResponse:
     if problem:
         raise SipParseError(problem, req)
     return req
+
+
+def _check_head_size(head: bytes) -> None:
+    """Refuse an oversized header section cheaply (counting bytes in C, no decoding);
+    the first lines still make a ``partial`` so the 400 can be addressed."""
+    lines = head.count(b"\n") + 1
+    problem = None
+    if lines > MAX_HEADER_LINES + 1:  # + the start line
+        problem = "Bad Request - Too Many Headers"
+    elif len(head) > MAX_HEADER_LINE and any(len(line) > MAX_HEADER_LINE for line in head.split(b"\n")):
+        problem = "Bad Request - Header Line Too Long"
+    if problem is None:
+        return
+    kept = [line[:MAX_HEADER_LINE] for line in head.split(b"\n", MAX_HEADER_LINES + 1)[: MAX_HEADER_LINES + 1]]
+    partial: SipRequest | None = None
+    text = b"\n".join(kept).decode(ENCODING, ERRORS)
+    lines_ = _unfold(text)
+    m = _REQUEST_LINE_RE.fullmatch(lines_[0].rstrip("\r"))
+    if m:
+        partial = SipRequest(m.group(1), m.group(2))
+        _parse_header_lines([line.rstrip("\r") for line in lines_[1:]], partial.headers)
+    raise SipParseError(problem, partial)
 
 
 def serialize(msg: SipRequest | SipResponse) -> bytes:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from gateway.sip.events import Peer
 from gateway.sip.message import NameAddress, SipRequest, Via, parse_cseq
+from gateway.trunks import Trunk
 
 __all__ = [
     "ClientTransaction",
@@ -123,6 +124,10 @@ class ServerTransaction(Timed):
         self.final_status: int | None = None
         self.dialog_id: str | None = None  # the dialog this request belongs to or created
         self.reply_tag: str | None = None  # To tag of our out-of-dialog responses
+        self.trunk: Trunk | None = None  # the trunk the request came from (admission control)
+        # False for a source not yet verified (gateway.sip.admission): a UDP source may be a
+        # spoofed victim, so our final is resent only when the request is, never on Timer G.
+        self.retransmit = True
         self._send = send
         self._timers = timers
 
@@ -174,7 +179,7 @@ class InviteServerTransaction(ServerTransaction):
         if status < 300:
             self.state = "accepted"
             self._set_timers(L=now + self._timers.timeout)
-        elif self.peer.reliable:
+        elif self.peer.reliable or not self.retransmit:
             self.state = "completed"
             self._set_timers(H=now + self._timers.timeout)
         else:

@@ -16,6 +16,21 @@ No exception escapes ``receive()``: malformed input becomes a 400 (when the
 request can be addressed) plus a :class:`MalformedMessage` event, and an
 unexpected internal error is logged and reported the same way rather than
 tearing down the transport.
+
+With an :class:`~gateway.sip.admission.Admission` (the gateway always has one),
+every message passes it before it is parsed and every request before it gets a
+transaction: requests from outside the trunks are dropped (or refused once,
+statelessly), sources over their budgets are dropped, and a source that is not
+*verified* (see :mod:`gateway.sip.admission`) gets no 100 Trying, no timer
+retransmissions, no BYE and never more bytes than it sent. Trunks with ``auth``
+must answer a digest challenge (:mod:`gateway.sip.digest`) on every new INVITE.
+
+In-dialog requests we originate (BYE) go only to the address the dialog came
+from: the INVITE's source address, on its connection, or for a TCP dialog whose
+connection is gone a new connection to that same IP address at the port the
+remote target (or first route) names. Request-URI and Route headers still follow
+RFC 3261 12.2.1.1, but neither a Contact, a Record-Route nor ``maddr`` can make
+Earshot send a request to a third party.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import replace
 
+from gateway.sip.admission import Admission
 from gateway.sip.dialog import Dialog, PendingAnswer, next_hop
 from gateway.sip.events import (
     CallCancelled,
@@ -40,8 +56,10 @@ from gateway.sip.events import (
     Peer,
     ReInvite,
     ReInviteAck,
+    SessionRefreshed,
     Transmit,
 )
+from gateway.sip import session_timer
 from gateway.sip.message import (
     Headers,
     NameAddress,
@@ -59,6 +77,7 @@ from gateway.sip.message import (
     serialize,
     split_list,
 )
+from gateway.trunks import Trunk
 from gateway.sip.transaction import (
     MAGIC_COOKIE,
     ClientTransaction,
@@ -80,14 +99,17 @@ REASON_PHRASES: dict[int, str] = {
     180: "Ringing",
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     406: "Not Acceptable",
+    407: "Proxy Authentication Required",
     408: "Request Timeout",
     415: "Unsupported Media Type",
     416: "Unsupported URI Scheme",
     420: "Bad Extension",
+    422: "Session Interval Too Small",
     480: "Temporarily Unavailable",
     481: "Call/Transaction Does Not Exist",
     482: "Loop Detected",
@@ -112,8 +134,9 @@ ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "UPDATE", "INFO"
 # reliable provisional responses, so any PRACK gets 481 (RFC 3262 section 3).
 REFUSED_METHODS = frozenset({"REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"})
 KNOWN_METHODS = frozenset(ALLOWED_METHODS) | REFUSED_METHODS | {"PRACK"}
-# Option tags we implement (Require with anything else gets 420).  None yet:
-# advertising "timer" would oblige us to refresh sessions ourselves.
+# Option tags we implement (Require with anything else gets 420).  "timer"
+# (RFC 4028) only with session_expires set: we grant it with refresher=uac,
+# so we never have to refresh sessions ourselves.
 SUPPORTED_OPTIONS: tuple[str, ...] = ()
 ACCEPTABLE_TYPES = frozenset({"application/sdp", "application/*", "*/*"})
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -131,9 +154,18 @@ class UserAgent:
         t1: float = 0.5,
         t2: float = 4.0,
         t4: float = 5.0,
+        admission: Admission | None = None,
+        session_expires: int = 0,
+        min_se: int = session_timer.RFC_MIN_SE,
     ) -> None:
+        self.admission = admission  # None: every source is trusted and verified (unit tests, tools)
+        # RFC 4028 (gateway/sip/session_timer.py): the longest interval granted; 0: no session timers
+        self.session_expires = session_expires
+        self.min_se = min_se
+        self._supported = SUPPORTED_OPTIONS + (("timer",) if session_expires else ())
         self.local_host = local_host
         self.local_port = local_port
+        self.local_tls_port = 5061  # SIP over TLS listens here (Via and Contact of TLS peers)
         self.user_agent = user_agent
         self.timers = TimerConfig(t1=t1, t2=t2, t4=t4)
         self._transmits: list[Transmit] = []
@@ -258,7 +290,8 @@ class UserAgent:
             return False
         txn = dialog.invite
         data = self._response(
-            txn.request, txn.peer, 200, to_tag=dialog.local_tag, extra=self._capabilities(txn), body=sdp
+            txn.request, txn.peer, 200, to_tag=dialog.local_tag,
+            extra=self._capabilities(txn) + self._session_timer(dialog, txn.request), body=sdp
         )
         txn.respond(200, data, now)
         dialog.state = "answered"
@@ -326,7 +359,8 @@ class UserAgent:
         txn = dialog.offer_txn if dialog else None
         if dialog is None or txn is None or txn.has_final:
             return False
-        data = self._response(txn.request, txn.peer, 200, extra=self._capabilities(txn), body=sdp)
+        data = self._response(txn.request, txn.peer, 200,
+                              extra=self._capabilities(txn) + self._session_timer(dialog, txn.request), body=sdp)
         txn.respond(200, data, now)
         dialog.offer_txn = None
         if isinstance(txn, InviteServerTransaction):
@@ -358,15 +392,31 @@ class UserAgent:
     def _receive(self, data: bytes, peer: Peer, now: float) -> None:
         if not data.strip(b"\r\n\t "):
             return  # CRLF keep-alive
+        adm = self.admission
+        if adm is not None and not adm.datagram(peer.transport, peer.host, len(data), now):
+            return  # blocked, or over its budget: not even parsed
         try:
             msg = parse_message(data)
         except SipParseError as exc:
-            self._malformed(exc, peer)
+            if adm is None or adm.trunks.match(peer.host) is not None:
+                self._malformed(exc, peer)
             return
         if isinstance(msg, SipResponse):
             self._on_response(msg, now)
-        else:
-            self._on_request(msg, peer, now)
+            return
+        trunk: Trunk | None = None
+        if adm is not None:
+            verdict, trunk = adm.request(msg.method, peer.transport, peer.host, now)
+            if verdict == "reject" and msg.method != "ACK":
+                # stateless and once: no transaction, so nothing to retransmit
+                self._send(self._response(msg, peer, 403, "Forbidden - Unknown Source", to_tag=self._new_tag()), peer)
+            if verdict != "accept":
+                return
+        self._on_request(msg, peer, now, trunk)
+
+    def _verified(self, peer: Peer) -> bool:
+        """Has ``peer``'s address shown it receives what we send (gateway.sip.admission)?"""
+        return self.admission is None or self.admission.is_verified(peer.transport, peer.host, self._now)
 
     def _malformed(self, exc: SipParseError, peer: Peer) -> None:
         self._events.append(MalformedMessage(peer, exc.reason))
@@ -381,7 +431,7 @@ class UserAgent:
             pass
         self._send(self._response(req, peer, exc.status, exc.reason, to_tag=to_tag), peer)
 
-    def _on_request(self, req: SipRequest, peer: Peer, now: float) -> None:
+    def _on_request(self, req: SipRequest, peer: Peer, now: float, trunk: Trunk | None = None) -> None:
         via = Via.parse(req.headers.get("via") or "")
         if req.method == "ACK":
             self._on_ack(req, via, peer, now)
@@ -396,6 +446,8 @@ class UserAgent:
             txn = InviteServerTransaction(key, req, peer, self._send, self._arm, self.timers)
         else:
             txn = NonInviteServerTransaction(key, req, peer, self._send, self._arm, self.timers)
+        txn.trunk = trunk
+        txn.retransmit = self._verified(peer)
         self._server_txns[key] = txn
         if req.method == "CANCEL":
             self._on_cancel(req, via, txn, now)
@@ -417,7 +469,7 @@ class UserAgent:
         if req.uri.split(":", 1)[0].lower() not in ("sip", "sips", "tel"):
             self._reply(txn, 416, now)
             return
-        unsupported = [t for t in h.get_all("require") if t and t.lower() not in SUPPORTED_OPTIONS]
+        unsupported = [t for t in h.get_all("require") if t and t.lower() not in self._supported]
         if unsupported:
             self._reply(txn, 420, now, extra=[("Unsupported", ", ".join(unsupported))])
             return
@@ -472,6 +524,14 @@ class UserAgent:
 
     def _on_invite(self, req: SipRequest, txn: InviteServerTransaction, now: float) -> None:
         h = req.headers
+        if not self._authenticated(req, txn, now):
+            return
+        if not txn.retransmit and self.admission is not None:
+            unacked = sum(1 for d in self._dialogs.values() if not d.retransmit and d.state in ("pending", "answered"))
+            if unacked >= self.admission.config.max_unacked:
+                self._reply(txn, 503, now, reason="Service Unavailable - Too Many Unconfirmed Calls",
+                            extra=[("Retry-After", "5")])
+                return
         call_id = h.get("call-id") or ""
         from_tag = NameAddress.parse(h.get("from") or "", "From").tag or ""
         cseq, _ = parse_cseq(h.get("cseq") or "")
@@ -500,6 +560,8 @@ class UserAgent:
             # RFC 3261 requires Contact in INVITE; without it the source is
             # the best target we have for our BYE.
             remote_target = f"sip:{format_host(txn.peer.host)}:{txn.peer.port}"
+        if self._too_small(req, txn, now):
+            return
         local_tag = self._new_tag()
         to_value = h.get("to") or ""
         dialog = Dialog(
@@ -519,11 +581,47 @@ class UserAgent:
             arm=self._arm,
             timers=self.timers,
         )
+        dialog.retransmit = txn.retransmit
         self._dialogs[dialog.id] = dialog
         self._by_call[(call_id, from_tag)] = dialog
         txn.dialog_id = dialog.id
-        self._reply(txn, 100, now)
-        self._events.append(IncomingCall(dialog.id, req, offer, txn.peer))
+        if txn.retransmit:
+            # To an unverified source a 100 would only add bytes; without it the
+            # client keeps resending the INVITE, and each copy may fetch the final.
+            self._reply(txn, 100, now)
+        self._events.append(IncomingCall(dialog.id, req, offer, txn.peer, trunk=txn.trunk))
+
+    def _authenticated(self, req: SipRequest, txn: InviteServerTransaction, now: float) -> bool:
+        """Digest check of a new INVITE from a trunk with ``auth``; False after
+        answering 401/407 (a challenge) or 403 (too many wrong answers)."""
+        adm, trunk = self.admission, txn.trunk
+        digest = adm.digest(trunk) if adm is not None and trunk is not None else None
+        if digest is None or trunk is None or trunk.auth is None:
+            return True
+        assert adm is not None
+        host = txn.peer.host
+        if adm.auth_locked(host, now):
+            self._reply(txn, 403, now, reason="Forbidden - Too Many Failed Authentications")
+            return False
+        proxy = trunk.auth.challenge == 407
+        answers = req.headers.raw("proxy-authorization" if proxy else "authorization")
+        stale = False
+        for value in answers[:4]:
+            result = digest.verify(req.method, req.uri, value, now)
+            if result.ok:
+                logger.info("SIP: INVITE from %s authenticated (trunk %s, digest %s)", host, trunk.name,
+                            result.algorithm)
+                adm.verify(host, now)
+                txn.retransmit = True
+                return True
+            stale = stale or result.stale
+            logger.info("SIP: digest from %s (trunk %s) refused: %s", host, trunk.name, result.reason)
+        if answers and not stale and adm.auth_failed_at(host, now):
+            self._reply(txn, 403, now, reason="Forbidden - Too Many Failed Authentications")
+            return False
+        header = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
+        self._reply(txn, trunk.auth.challenge, now, extra=[(header, v) for v in digest.challenge(now, stale=stale)])
+        return False
 
     def _body_offer(self, req: SipRequest, txn: ServerTransaction, now: float) -> bytes | None:
         """SDP offer of an INVITE/UPDATE (b"" if none), or None after
@@ -562,8 +660,10 @@ class UserAgent:
             except ValueError:
                 self._reply(txn, 400, now, reason="Bad Request - Malformed Contact")
                 return
-        if req.method == "UPDATE" and not offer:
-            self._reply(txn, 200, now, extra=self._capabilities(txn))
+        if self._too_small(req, txn, now):
+            return
+        if req.method == "UPDATE" and not offer:  # a session refresh
+            self._reply(txn, 200, now, extra=self._capabilities(txn) + self._session_timer(dialog, req))
             return
         dialog.offer_txn = txn
         dialog.offer_offerless = not offer
@@ -585,6 +685,10 @@ class UserAgent:
         cseq, _ = parse_cseq(h.get("cseq") or "")
         if answer is None or answer.cseq != cseq:
             return  # retransmitted ACK
+        if self.admission is not None:
+            # the ACK names our To tag, which only a receiver of our 2xx knows
+            self.admission.verify(peer.host, now)
+            dialog.retransmit = True
         dialog.stop_answer()
         sdp = b""
         if answer.offerless and req.body.strip():
@@ -669,6 +773,11 @@ class UserAgent:
         dialog.stop_answer()
         dialog.state = "confirmed"
         self._end(dialog, "ack-timeout")
+        if not dialog.retransmit:
+            # never verified: perhaps a spoofed INVITE; a BYE (and its retransmissions)
+            # would go to a victim
+            self._remove_dialog(dialog)
+            return
         self._send_bye(dialog, now, reason='SIP;cause=408;text="ACK Timeout"')
 
     # ------------------------------------------------------------------
@@ -676,11 +785,12 @@ class UserAgent:
 
     def _send_bye(self, dialog: Dialog, now: float, reason: str | None = None) -> None:
         request_uri, routes, hop = dialog.request_target()
-        peer = next_hop(hop, dialog.peer)
+        peer = next_hop(hop, dialog.peer)  # the dialog's source address only (module docstring)
         branch = MAGIC_COOKIE + secrets.token_hex(10)
-        transport = "TCP" if peer.transport == "tcp" else "UDP"
+        transport = peer.transport.upper() if peer.transport in ("tcp", "tls") else "UDP"
+        port = self.local_tls_port if peer.transport == "tls" else self.local_port
         h = Headers()
-        h.add("Via", f"SIP/2.0/{transport} {format_host(dialog.local_host)}:{self.local_port};branch={branch};rport")
+        h.add("Via", f"SIP/2.0/{transport} {format_host(dialog.local_host)}:{port};branch={branch};rport")
         h.add("Max-Forwards", "70")
         for route in routes:
             h.add("Route", route)
@@ -727,6 +837,9 @@ class UserAgent:
         dialog.offer_txn = None
 
     def _send(self, data: bytes, peer: Peer) -> None:
+        if self.admission is not None and not self.admission.may_send(peer.transport, peer.host, len(data), self._now):
+            logger.debug("SIP: not sending %d bytes to unverified %s: over its credit", len(data), peer.host)
+            return
         self._transmits.append(Transmit(data, peer))
 
     def _new_tag(self) -> str:
@@ -752,18 +865,46 @@ class UserAgent:
         data = self._response(txn.request, txn.peer, status, reason, to_tag=to_tag, extra=extra)
         txn.respond(status, data, now)
 
+    def _too_small(self, req: SipRequest, txn: ServerTransaction, now: float) -> bool:
+        """RFC 4028: a Session-Expires below our Min-SE gets 422 with it (True: answered)."""
+        if not self.session_expires:
+            return False
+        verdict = session_timer.negotiate(req.headers, interval=self.session_expires, min_se=self.min_se)
+        if isinstance(verdict, session_timer.TooSmall):
+            self._reply(txn, 422, now, extra=[("Min-SE", str(verdict.min_se))])
+            return True
+        return False
+
+    def _session_timer(self, dialog: Dialog, req: SipRequest) -> list[tuple[str, str]]:
+        """Session-timer headers for the 2xx to ``req``; tells the application what it granted."""
+        if not self.session_expires:
+            return []
+        verdict = session_timer.negotiate(req.headers, interval=self.session_expires, min_se=self.min_se)
+        if not isinstance(verdict, session_timer.SessionTimer):
+            self._events.append(SessionRefreshed(dialog.id, 0))
+            return []
+        self._events.append(SessionRefreshed(dialog.id, verdict.interval))
+        return session_timer.response_headers(verdict)
+
     def _capabilities(self, txn: ServerTransaction, contact: bool = True) -> list[tuple[str, str]]:
         headers = []
         if contact:
             host = format_host(self.local_host_for(txn.request))
-            transport = ";transport=tcp" if txn.peer.transport == "tcp" else ""
-            headers.append(("Contact", f"<sip:earshot@{host}:{self.local_port}{transport}>"))
+            if txn.peer.transport == "tls":
+                # RFC 5630: a sips Request-URI gets a sips Contact; else sip with transport=tls
+                if txn.request.uri[:5].lower() == "sips:":
+                    headers.append(("Contact", f"<sips:earshot@{host}:{self.local_tls_port}>"))
+                else:
+                    headers.append(("Contact", f"<sip:earshot@{host}:{self.local_tls_port};transport=tls>"))
+            else:
+                transport = ";transport=tcp" if txn.peer.transport == "tcp" else ""
+                headers.append(("Contact", f"<sip:earshot@{host}:{self.local_port}{transport}>"))
         headers += [
             ("Allow", ", ".join(ALLOWED_METHODS)),
             ("Accept", "application/sdp"),
         ]
-        if SUPPORTED_OPTIONS:  # an empty Supported header is legal but trips some parsers (pyVoIP)
-            headers.append(("Supported", ", ".join(SUPPORTED_OPTIONS)))
+        if self._supported:  # an empty Supported header is legal but trips some parsers (pyVoIP)
+            headers.append(("Supported", ", ".join(self._supported)))
         return headers
 
     def _response(
@@ -836,7 +977,7 @@ def _adopt_connection(dialog: Dialog, peer: Peer) -> None:
 def _response_fallback(request: SipRequest, peer: Peer) -> Peer:
     """Where to send responses once the request's connection is gone."""
     try:
-        port = Via.parse(request.headers.get("via") or "").port or 5060
+        port = Via.parse(request.headers.get("via") or "").port or (5061 if peer.transport == "tls" else 5060)
     except ValueError:
         port = 5060
     return Peer(peer.transport, peer.host, port, None)

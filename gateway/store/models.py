@@ -275,3 +275,17 @@ class ApiToken(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
     user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class WebRevocation(Base):
+    """A dashboard session ended (logout, login rotation) before its expiry. The cookie is
+    signed and self-expiring, so the end must be kept until then, here rather than in one
+    process's memory: it holds across restarts and for every gateway sharing the store."""
+
+    __tablename__ = "web_revocations"
+
+    sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_web_revocations_expires_at", "expires_at"),)

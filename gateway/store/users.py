@@ -3,7 +3,10 @@
 Passwords are hashed with scrypt (memory-hard, in the standard library) with a
 random per-user salt; the cost parameters are stored in the hash so they can be
 raised later without invalidating old hashes. Verification compares in
-constant time. Repeated failed logins lock the account for a while. API tokens
+constant time. Failed logins are counted here but never lock the account: an
+account-wide lockout lets anyone who reaches the login form lock out the admin,
+so the dashboard throttles per address and per (address, account) instead
+(gateway/web/throttle.py). API tokens
 are random and shown once: only their SHA-256 is stored (a token has 256 bits
 of entropy, so a fast hash is enough and lets a token be found by its hash).
 
@@ -17,12 +20,12 @@ import hashlib
 import hmac
 import re
 import secrets
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from .models import ROLES, ApiToken, User, utcnow
+from .models import ROLES, ApiToken, User, WebRevocation, utcnow
 
 SCRYPT_N = 2**15  # 32 MiB and ~0.1 s per hash: slow for guessing, fine for logins
 SCRYPT_R = 8
@@ -32,8 +35,6 @@ SALT_BYTES = 16
 KEY_BYTES = 32
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
-MAX_FAILED_LOGINS = 5
-LOCKOUT = timedelta(minutes=15)
 TOKEN_PREFIX = "esk_"
 
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
@@ -130,21 +131,15 @@ def set_password(session: Session, user: User, password: str) -> None:
 
 
 def is_locked(user: User, now: datetime | None = None) -> bool:
+    """A lock set before failures stopped locking accounts (it runs out by itself)."""
     now = now or utcnow()
     return user.locked_until is not None and user.locked_until > now
 
 
-def record_failed_login(session: Session, user: User, now: datetime | None = None) -> bool:
-    """Count a failed login; True when this one locks the account."""
-    now = now or utcnow()
-    if user.locked_until is not None and user.locked_until <= now:
-        user.failed_logins, user.locked_until = 0, None  # the previous lockout has run out
+def record_failed_login(session: Session, user: User, now: datetime | None = None) -> None:
+    """Count a failed login (consecutive, reset by a success); it never locks the account."""
     user.failed_logins += 1
-    locked = user.failed_logins >= MAX_FAILED_LOGINS and not is_locked(user, now)
-    if locked:
-        user.locked_until = now + LOCKOUT
     session.flush()
-    return locked
 
 
 def record_login(session: Session, user: User, now: datetime | None = None) -> None:
@@ -157,8 +152,8 @@ def record_login(session: Session, user: User, now: datetime | None = None) -> N
 def authenticate(session: Session, username: str, password: str, now: datetime | None = None) -> User | None:
     """The user if the password is right and the account is usable; None otherwise.
 
-    A locked or disabled account is refused without checking the password (but
-    in the same time); failures count towards the lockout.
+    A disabled account is refused without checking the password (but in the
+    same time); failures are counted, for `earshot users list`.
     """
     now = now or utcnow()
     user = get_user(session, username)
@@ -188,15 +183,17 @@ def create_token(session: Session, user: User, name: str) -> tuple[ApiToken, str
     return row, token
 
 
-def verify_token(session: Session, token: str, now: datetime | None = None) -> User | None:
-    """The token's user if the token is known, not revoked and its user enabled; records its use."""
+def verify_token(session: Session, token: str, now: datetime | None = None, *, record_use: bool = True) -> User | None:
+    """The token's user if the token is known, not revoked and its user enabled; records its use
+    (unless ``record_use`` is false: the re-checks of a long-lived stream only read)."""
     if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 256:
         return None
     row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == token_digest(token)))
     if row is None or row.revoked or row.user.disabled:
         return None
-    row.last_used_at = now or utcnow()
-    session.flush()
+    if record_use:
+        row.last_used_at = now or utcnow()
+        session.flush()
     return row.user
 
 
@@ -207,3 +204,18 @@ def revoke_token(session: Session, token_id: int) -> bool:
     row.revoked = True
     session.flush()
     return True
+
+
+def revoke_session(session: Session, sid: str, expires_at: datetime, now: datetime | None = None) -> None:
+    """Remember that dashboard session ``sid`` ended, until its cookie would expire anyway;
+    revocations that ran out are dropped on the way (the table stays the size of the
+    logouts of one session lifetime)."""
+    now = now or utcnow()
+    session.execute(delete(WebRevocation).where(WebRevocation.expires_at <= now))
+    if expires_at > now and session.get(WebRevocation, sid) is None:
+        session.add(WebRevocation(sid=sid[:64], expires_at=expires_at, revoked_at=now))
+    session.flush()
+
+
+def session_revoked(session: Session, sid: str) -> bool:
+    return isinstance(sid, str) and session.get(WebRevocation, sid[:64]) is not None

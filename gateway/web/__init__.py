@@ -8,6 +8,6 @@ SQLAlchemy, but no running database or Redis.
 
 from .app import Dashboard
 from .live import LiveBoard, LiveHub
-from .throttle import LoginThrottle
+from .throttle import LoginGuard, LoginThrottle
 
-__all__ = ["Dashboard", "LiveBoard", "LiveHub", "LoginThrottle"]
+__all__ = ["Dashboard", "LiveBoard", "LiveHub", "LoginGuard", "LoginThrottle"]

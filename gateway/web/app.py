@@ -14,7 +14,8 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
@@ -31,11 +32,11 @@ from .. import __version__
 from ..store.db import make_engine, make_sessionmaker
 from ..store.models import User
 from ..store.page import QueryError
-from ..store.users import verify_token
+from ..store.users import revoke_session, session_revoked, verify_token
 from .auth import SESSION_COOKIE, Principal, SessionCodec, SessionData, load_secret, secret_file_for
 from .format import FILTERS
 from .live import LiveHub
-from .throttle import LoginThrottle
+from .throttle import LoginGuard
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -106,7 +107,7 @@ class Dashboard:
         *,
         engine: Engine | None = None,
         hub: LiveHub | None = None,
-        throttle: LoginThrottle | None = None,
+        throttle: LoginGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         keepalive_s: float = 15.0,
@@ -122,7 +123,7 @@ class Dashboard:
         self.hub = hub if hub is not None else LiveHub(
             settings.redis_url, events_stream=settings.events_stream, call_stream=settings.call_stream,
             rebuild_window_s=settings.web_live_window_s, queue_size=settings.web_sse_queue, wall=wall)
-        self.throttle = throttle if throttle is not None else LoginThrottle()
+        self.throttle = throttle if throttle is not None else LoginGuard()
         self.clock = clock
         self.wall = wall
         self.keepalive_s = keepalive_s
@@ -161,6 +162,8 @@ class Dashboard:
             if user is None or user.disabled or user.username != data.username \
                     or self.codec.fingerprint(user.password_hash) != data.pw:
                 return None  # deleted, disabled, or the password changed since the login
+            if session_revoked(db, data.sid):
+                return None  # logged out (in any process, before a restart too)
             return Principal(user.id, user.username, user.role, "session")
 
     async def session_principal(self, request: Request) -> Principal | None:
@@ -169,17 +172,50 @@ class Dashboard:
             return None
         return await run_in_threadpool(self._session_principal, data)
 
-    def _token_principal(self, token: str) -> Principal | None:
+    def _token_principal(self, token: str, record_use: bool = True) -> Principal | None:
         with self.session() as db:
-            user = verify_token(db, token)
+            user = verify_token(db, token, record_use=record_use)
             if user is None:
                 return None
             principal = Principal(user.id, user.username, user.role, "token")
-            db.commit()  # last_used_at
+            if record_use:
+                db.commit()  # last_used_at
             return principal
 
-    async def token_principal(self, token: str) -> Principal | None:
-        return await run_in_threadpool(self._token_principal, token)
+    async def token_principal(self, token: str, *, record_use: bool = True) -> Principal | None:
+        return await run_in_threadpool(self._token_principal, token, record_use)
+
+    def _revoke_stored(self, data: SessionData) -> None:
+        with self.session() as db:
+            revoke_session(db, data.sid, datetime.fromtimestamp(data.expires, timezone.utc),
+                           datetime.fromtimestamp(self.wall(), timezone.utc))
+            db.commit()
+
+    async def revoke(self, data: SessionData) -> None:
+        """End a session: at once in this process, and in the store for every process and
+        after a restart (a logged-in one; an anonymous session only guards a login form)."""
+        self.codec.revoke(data)
+        if data.logged_in:
+            await run_in_threadpool(self._revoke_stored, data)
+
+    def stream_alive(self, request: Request) -> Callable[[], Awaitable[bool]]:
+        """For a live stream: does the credential that opened it still hold? A session that
+        logged out, a changed password, a disabled user or a revoked token ends the stream
+        (checked every ``web_stream_recheck_s``; gateway/web/stream.py)."""
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            token = header[7:].strip()
+
+            async def token_alive() -> bool:
+                return await self.token_principal(token, record_use=False) is not None
+            return token_alive
+        cookie = request.cookies.get(SESSION_COOKIE)
+
+        async def session_alive() -> bool:
+            data = self.codec.loads(cookie)  # expiry and this process's revocations
+            return data is not None and data.logged_in \
+                and await run_in_threadpool(self._session_principal, data) is not None
+        return session_alive
 
     def set_session_cookie(self, response: Response, data: SessionData) -> None:
         response.set_cookie(SESSION_COOKIE, self.codec.dumps(data), max_age=self.codec.max_age(data), path="/",

@@ -26,6 +26,8 @@ from typing import Callable
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
+from ..config import state_file
+
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "earshot_session"
@@ -41,12 +43,7 @@ class SecretError(RuntimeError):
 
 def secret_file_for(database_url: str, configured: str = "") -> Path:
     """Where the generated secret lives: the setting, else next to the SQLite file, else the working directory."""
-    if configured:
-        return Path(configured)
-    if database_url.startswith("sqlite:///"):
-        db = Path(database_url[len("sqlite:///"):].split("?", 1)[0])
-        return db.with_name(db.name + ".web-secret")
-    return Path("earshot-web.secret")
+    return state_file(database_url, configured, ".web-secret", "earshot-web.secret")
 
 
 def load_secret(key: str, path: Path) -> bytes:

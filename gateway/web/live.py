@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from ..events import CallEnded, CallStarted, Event, EventError, TurnFinal, TurnPartial, decode_fields
+from ..events import CallEnded, CallStarted, Event, EventError, TurnFinal, TurnPartial, parse_fields
+from ..identity import clean_event_body
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def event_number(event: dict[str, Any]) -> int:
     if not isinstance(event_id, str):
         return 0
     tail = event_id.rpartition(":")[2]
-    return int(tail) if tail.isdigit() and len(tail) <= 12 else 0
+    return int(tail) if tail.isascii() and tail.isdigit() and len(tail) <= 12 else 0
 
 
 def _iso(ts: float) -> str:
@@ -432,8 +433,9 @@ class LiveHub:
     # -- the reader
     def _decode(self, fields: Any) -> Event | None:
         try:
-            return decode_fields(fields or {})
-        except (ValueError, UnicodeDecodeError):  # EventError is a ValueError
+            # an entry not cleaned at ingress (older producer) must not break the pages: see gateway/identity.py
+            return Event.from_wire(clean_event_body(parse_fields(fields or {})))
+        except (ValueError, UnicodeDecodeError, RecursionError):  # EventError and JSONDecodeError are ValueErrors
             self.stats.bad_entries += 1
             return None
 

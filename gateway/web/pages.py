@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from ..events import SOURCE_KINDS
 from ..store.queries import get_call, list_calls
 from ..store.search import search_terms, search_turns
-from ..store.users import MAX_FAILED_LOGINS, UserError, authenticate, normalize_username
+from ..store.users import UserError, authenticate, normalize_username
 from .auth import CSRF_FIELD, CSRF_HEADER, Principal, csrf_ok, same_origin
 from .live import valid_call_id
 from .stream import board_events, call_events
@@ -119,10 +119,10 @@ def page_router(d: Dashboard) -> APIRouter:
         password = str(form.get("password") or "")[:1024]
         next_path = safe_next(str(form.get("next") or "/"))
         try:
-            user_key = "user:" + normalize_username(username)
+            account = normalize_username(username)
         except UserError:
-            user_key = "user:" + username.strip().lower()[:64]
-        keys = ("addr:" + client_address(request), user_key)
+            account = username.strip().lower()[:64]
+        address = client_address(request)
         now = d.clock()
         session = d.read_session(request)
 
@@ -133,7 +133,7 @@ def page_router(d: Dashboard) -> APIRouter:
                 response.headers[name] = value
             return response
 
-        wait = d.throttle.wait(keys, now)
+        wait = d.throttle.wait(address, account, now)
         if wait > 0:
             seconds = max(1, int(wait + 0.999))
             return refuse(f"Too many failed logins. Try again in {seconds} s.", 429, {"Retry-After": str(seconds)})
@@ -141,20 +141,20 @@ def page_router(d: Dashboard) -> APIRouter:
         def check() -> Any:
             with d.session() as db:
                 user = authenticate(db, username, password)
-                db.commit()  # the failure count (and lockout) of a known user
+                db.commit()  # the failure count and last login of a known user
                 return None if user is None else (user.id, user.username, user.password_hash)
 
         found = await run_in_threadpool(check)
         if found is None:
-            d.throttle.failure(keys, d.clock())
+            d.throttle.failure(address, account, d.clock())
             # the same words whether the user exists or not: only the attempts made are told
             message = "Wrong username or password."
-            if d.throttle.failures(user_key, d.clock()) >= MAX_FAILED_LOGINS:
-                message += " After repeated failures an account is locked for a while."
+            if d.throttle.locked_out(address, account, d.clock()):
+                message += " After repeated failures this address must wait a while before trying this account again."
             return refuse(message, 401)
-        d.throttle.success(user_key)  # the address keeps its count: a valid login must not reset guessing
+        d.throttle.success(address, account)
         if session is not None:
-            d.codec.revoke(session)
+            await d.revoke(session)
         user_id, name, password_hash = found
         response = RedirectResponse(next_path, status_code=303)
         d.set_session_cookie(response, d.codec.login(user_id, name, password_hash))
@@ -166,7 +166,7 @@ def page_router(d: Dashboard) -> APIRouter:
         await check_csrf(request, form)
         session = d.read_session(request)
         if session is not None:
-            d.codec.revoke(session)
+            await d.revoke(session)
         response = RedirectResponse("/login", status_code=303)
         d.clear_session_cookie(response)
         return response
@@ -272,8 +272,9 @@ def page_router(d: Dashboard) -> APIRouter:
     async def board_stream(request: Request) -> Response:
         await stream_user(request)
         sub = d.hub.subscribe_board()
-        return StreamingResponse(board_events(d.hub, sub, d.keepalive_s), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return StreamingResponse(board_events(d.hub, sub, d.keepalive_s, alive=d.stream_alive(request),
+                                              recheck_s=d.settings.web_stream_recheck_s),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
 
     @router.get("/calls/{call_id}/stream")
     async def call_stream(request: Request, call_id: str) -> Response:
@@ -281,9 +282,11 @@ def page_router(d: Dashboard) -> APIRouter:
         if not valid_call_id(call_id):
             raise ApiError(404, "no such call")
         last = request.headers.get("last-event-id", "")
-        last_seen = int(last) if last.isdigit() and len(last) <= 12 else 0
+        last_seen = int(last) if last.isascii() and last.isdigit() and len(last) <= 12 else 0
         sub = d.hub.subscribe(call_id)
-        return StreamingResponse(call_events(d.hub, sub, call_id, last_seen, d.keepalive_s),
+        return StreamingResponse(call_events(d.hub, sub, call_id, last_seen, d.keepalive_s,
+                                             alive=d.stream_alive(request),
+                                             recheck_s=d.settings.web_stream_recheck_s),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
     return router

@@ -1,17 +1,26 @@
-"""Slows down password guessing: progressive delays, then a temporary lockout.
+"""Slows down password guessing without letting a stranger lock anyone out.
 
 Sans-I/O: fed keys and ``now`` (monotonic seconds), it only answers how long a
-key must wait. The dashboard keys every login attempt twice, by the client
-address and by the username tried, so guessing many passwords for one user
-from many addresses, or one password for many users from one address, is
-slowed either way. Waiting is enforced by refusing attempts that come too early
-(answered at once with 429 and Retry-After, without checking the password),
-not by holding connections open, so parallel attempts gain nothing and a
-flood costs the server no scrypt hashes.
+key must wait. Waiting is enforced by refusing attempts that come too early
+(answered at once with 429 and Retry-After, without checking the password), not
+by holding connections open, so parallel attempts gain nothing and a flood
+costs the server no scrypt hashes.
 
-The store adds a persistent per-user lockout on top (see
-:func:`gateway.store.users.record_failed_login`); this one is in memory, per
-process, and also covers unknown usernames and addresses.
+:class:`LoginGuard` is the dashboard's policy, over three counts:
+
+* per (client address, account): a few free failures, then doubling delays,
+  then a 15-minute lockout of *that address for that account*: a guesser is
+  stopped, the account's owner elsewhere is not;
+* per client address (any account): doubling delays, then a lockout of the
+  address: one address spraying passwords over many accounts is stopped;
+* per account (from every address): many free failures, then delays capped at
+  ``max_delay_s`` and never a lockout; addresses that logged in to the account
+  successfully (the owner's) are exempt, so a distributed guesser is slowed
+  while the owner is not held up at all.
+
+There is no account-wide lockout: with one, anyone who can reach the login
+form could lock out the admin by typing five wrong passwords. The tables are in
+memory, per process, bounded.
 """
 
 from __future__ import annotations
@@ -58,7 +67,10 @@ class LoginThrottle:
             return self.lockout_s
         if failures <= self.free_failures:
             return 0.0
-        return min(self.base_delay_s * 2 ** (failures - self.free_failures - 1), self.max_delay_s)
+        doublings = failures - self.free_failures - 1
+        if doublings > 60:  # far past max_delay_s; and 2**n would overflow a float
+            return self.max_delay_s
+        return min(self.base_delay_s * 2 ** doublings, self.max_delay_s)
 
     def _get(self, key: str, now: float) -> _Record | None:
         record = self._records.get(key)
@@ -99,5 +111,74 @@ class LoginThrottle:
         return longest
 
     def success(self, key: str) -> None:
-        """Forget the failures of ``key`` (the user's; never the address's, see the login)."""
+        """Forget the failures of ``key``."""
         self._records.pop(key, None)
+
+
+NEVER = 2**62  # failures: a lockout that never comes
+
+
+class LoginGuard:
+    """The dashboard's login throttling (see the module docstring): address, address+account
+    and account counts, the last one skipped for addresses the account logged in from."""
+
+    def __init__(
+        self,
+        *,
+        address: LoginThrottle | None = None,
+        pair: LoginThrottle | None = None,
+        account: LoginThrottle | None = None,
+        trusted_per_account: int = 16,
+        max_accounts: int = 10_000,
+    ) -> None:
+        # one address, any account: three free, 1 s doubling to 60 s, 15 min after ten
+        self.address = address or LoginThrottle()
+        # one address, one account: locked out for 15 min after five
+        self.pair = pair or LoginThrottle(free_failures=2, lockout_failures=5, lockout_s=900.0)
+        # one account, every address but the owner's: ten free, then at most 30 s apart, no lockout
+        self.account = account or LoginThrottle(free_failures=10, base_delay_s=1.0, max_delay_s=30.0,
+                                                lockout_failures=NEVER, lockout_s=30.0)
+        self.trusted_per_account = trusted_per_account
+        self.max_accounts = max_accounts
+        self._trusted: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
+
+    @staticmethod
+    def _pair(address: str, account: str) -> str:
+        return f"{address}|{account}"
+
+    def trusted(self, address: str, account: str) -> bool:
+        """True when ``address`` logged in to ``account`` before (in this process)."""
+        return address in self._trusted.get(account, ())
+
+    def wait(self, address: str, account: str, now: float) -> float:
+        """Seconds before this address may try this account; 0 when it may now."""
+        wait = max(self.address.wait((address,), now), self.pair.wait((self._pair(address, account),), now))
+        if not self.trusted(address, account):
+            wait = max(wait, self.account.wait((account,), now))
+        return wait
+
+    def failure(self, address: str, account: str, now: float) -> float:
+        """Record a failed attempt; returns the wait it imposes on this address for this account."""
+        wait = max(self.address.failure((address,), now), self.pair.failure((self._pair(address, account),), now))
+        account_wait = self.account.failure((account,), now)
+        return wait if self.trusted(address, account) else max(wait, account_wait)
+
+    def locked_out(self, address: str, account: str, now: float) -> bool:
+        """True when this address is locked out of this account (not just slowed)."""
+        return self.pair.failures(self._pair(address, account), now) >= self.pair.lockout_failures
+
+    def success(self, address: str, account: str) -> None:
+        """A login succeeded: the pair's count goes, the address becomes trusted for the account.
+
+        The address keeps its own count (a valid login must not reset guessing at
+        other accounts), and so does the account (a guesser elsewhere goes on waiting).
+        """
+        self.pair.success(self._pair(address, account))
+        addresses = self._trusted.setdefault(account, OrderedDict())
+        addresses[address] = None
+        addresses.move_to_end(address)
+        while len(addresses) > self.trusted_per_account:
+            addresses.popitem(last=False)
+        self._trusted.move_to_end(account)
+        while len(self._trusted) > self.max_accounts:
+            self._trusted.popitem(last=False)

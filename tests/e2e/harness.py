@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -81,6 +82,8 @@ def start_gateway(extra_env: dict[str, str] | None = None, ready_timeout: float 
         "EARSHOT_RTP_PORT_MAX": str(rtp_min + 98),
         "EARSHOT_REDIS_URL": REDIS_URL,
         "EARSHOT_STREAM_PREFIX": prefix,
+        # its own spool (written only while Redis is unreachable): never one another gateway replays
+        "EARSHOT_PUBLISH_SPOOL_FILE": os.path.join(tempfile.gettempdir(), f"earshot-{prefix}.spool"),
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     })
@@ -167,8 +170,9 @@ CALLS_PER_PROCESS = 4  # the pjsua2 wheel's compile-time call limit
 
 def place_calls(target: str, wavs: list[Path], calls: int, *, hold: float = 2.0, dtmf: str = "",
                 transport: str = "udp", timeout: float = 180, delayed_offer: bool = False,
-                hold_at: float = 0.0) -> list[dict]:
-    """Call i plays wavs[i % len(wavs)]; calls are spread over PJSIP processes of 4 calls."""
+                hold_at: float = 0.0, caller_args: tuple[str, ...] = ()) -> list[dict]:
+    """Call i plays wavs[i % len(wavs)]; calls are spread over PJSIP processes of 4 calls.
+    ``caller_args``: more pjsua_caller.py options (e.g. --tls-ca, --srtp)."""
     procs = []
     for first in range(0, calls, CALLS_PER_PROCESS):
         count = min(CALLS_PER_PROCESS, calls - first)
@@ -182,6 +186,7 @@ def place_calls(target: str, wavs: list[Path], calls: int, *, hold: float = 2.0,
             cmd.append("--delayed-offer")
         if hold_at:
             cmd += ["--hold-at", str(hold_at)]
+        cmd += caller_args
         procs.append((first, count, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                      text=True)))
     results: list[dict] = []

@@ -66,7 +66,22 @@ def main() -> int:
     parser.add_argument("--wav", action="append", required=True)
     parser.add_argument("--hold", type=float, default=2.0, help="seconds to stay up after the audio")
     parser.add_argument("--dtmf", default="", help="digits to send (RFC 4733) after the audio")
-    parser.add_argument("--transport", choices=("udp", "tcp"), default="udp")
+    parser.add_argument("--transport", choices=("udp", "tcp", "tls"), default="udp")
+    # SIP over TLS and SRTP (tests/e2e/test_tls_srtp.py)
+    parser.add_argument("--tls-ca", default="", help="PEM CA file the gateway's certificate must verify against")
+    parser.add_argument("--tls-cert", default="", help="our client certificate (PEM), for trunks that require one")
+    parser.add_argument("--tls-key", default="", help="its private key (PEM)")
+    parser.add_argument("--srtp", choices=("off", "optional", "mandatory"), default="off",
+                        help="SDES-SRTP: optional offers RTP/AVP with a=crypto, mandatory RTP/SAVP")
+    parser.add_argument("--srtp-suite", action="append", default=[],
+                        help="offer only these SDES suites (default: PJSIP's list)")
+    parser.add_argument("--srtp-any-signalling", action="store_true",
+                        help="offer SRTP keys over UDP/TCP too (PJSIP's default refuses to)")
+    parser.add_argument("--auth-user", default="", help="digest username (trunks with auth)")
+    parser.add_argument("--auth-password", default="")
+    parser.add_argument("--auth-algorithm", choices=("any", "MD5", "SHA-256"), default="any",
+                        help="answer only a challenge in this digest algorithm")
+    parser.add_argument("--bind", default="", help="local address to send from (e.g. 127.0.0.2)")
     parser.add_argument("--stagger", type=float, default=0.05, help="seconds between call starts")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--delayed-offer", action="store_true", help="INVITE without SDP (offer in the 200)")
@@ -87,7 +102,18 @@ def main() -> int:
     ep.libInit(cfg)
     tcfg = pj.TransportConfig()
     tcfg.port = 0
-    kind = pj.PJSIP_TRANSPORT_TCP if args.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
+    if args.bind:
+        tcfg.boundAddress = args.bind
+    kind = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP, "tls": pj.PJSIP_TRANSPORT_TLS}[args.transport]
+    if args.transport == "tls":
+        tls = tcfg.tlsConfig
+        tls.method = pj.PJSIP_TLSV1_2_METHOD
+        if args.tls_ca:
+            tls.CaListFile = args.tls_ca
+            tls.verifyServer = True
+        if args.tls_cert:
+            tls.certFile = args.tls_cert
+            tls.privKeyFile = args.tls_key
     ep.transportCreate(kind, tcfg)
     ep.libStart()
     ep.audDevManager().setNullDev()
@@ -99,10 +125,28 @@ def main() -> int:
 
     account = pj.Account()
     acfg = pj.AccountConfig()
-    acfg.idUri = "sip:tester@127.0.0.1"
+    acfg.idUri = f"sip:tester@{args.bind or '127.0.0.1'}"
+    if args.auth_user:
+        cred = pj.AuthCredInfo("digest", "*", args.auth_user, 0, args.auth_password)
+        cred.algoType = {"any": pj.PJSIP_AUTH_ALGORITHM_NOT_SET, "MD5": pj.PJSIP_AUTH_ALGORITHM_MD5,
+                         "SHA-256": pj.PJSIP_AUTH_ALGORITHM_SHA256}[args.auth_algorithm]
+        acfg.sipConfig.authCreds.append(cred)
+    media = acfg.mediaConfig
+    if args.bind:
+        media.transportConfig.boundAddress = args.bind  # RTP from the signalling address too
+    media.srtpUse = {"off": pj.PJMEDIA_SRTP_DISABLED, "optional": pj.PJMEDIA_SRTP_OPTIONAL,
+                     "mandatory": pj.PJMEDIA_SRTP_MANDATORY}[args.srtp]
+    media.srtpSecureSignaling = 0 if args.srtp_any_signalling else 1  # 1: SRTP only over TLS (PJSIP's default)
+    if args.srtp != "off":
+        media.srtpOpt.keyings.clear()
+        media.srtpOpt.keyings.append(pj.PJMEDIA_SRTP_KEYING_SDES)
+        for name in args.srtp_suite:
+            crypto = pj.SrtpCrypto()
+            crypto.name = name
+            media.srtpOpt.cryptos.append(crypto)
     account.create(acfg)
 
-    suffix = ";transport=tcp" if args.transport == "tcp" else ""
+    suffix = f";transport={args.transport}" if args.transport != "udp" else ""
     uri = f"sip:{args.user}@{args.target}{suffix}"
     calls: list[Call] = []
     durations = [wav_seconds(w) for w in args.wav]

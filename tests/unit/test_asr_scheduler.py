@@ -102,17 +102,43 @@ def test_one_session_flooding_does_not_starve_another() -> None:
     assert [r for r in order if r is not quiet] == flood  # FIFO within a session
 
 
-def test_queue_bounds_refuse_with_asr_overload() -> None:
+def test_queue_bounds_shed_the_oldest_final_of_the_call_holding_the_most() -> None:
+    """Bounded and fair: a call over its share loses its own oldest waiting final; a full lane
+    takes room from the call holding the most, not from a quiet call; every final shed or
+    refused gets AsrOverloaded (published as error asr-overload), none vanishes."""
     s = make(max_group_finals=3, max_finals=5, max_group_partials=1)
     futures = [s.submit(request(session="a")) for _ in range(4)]
-    assert isinstance(futures[3].exception(0), AsrOverloaded)
-    assert "session 'a'" in str(futures[3].exception(0))
+    assert isinstance(futures[0].exception(0), AsrOverloaded)  # a's oldest made room for its newest
+    assert "session 'a'" in str(futures[0].exception(0)) and "oldest" in str(futures[0].exception(0))
+    assert not any(f.done() for f in futures[1:])
     others = [s.submit(request(session=f"s{i}")) for i in range(3)]
-    assert isinstance(others[2].exception(0), AsrOverloaded) and "the queue" in str(others[2].exception(0))
-    assert s.queued_finals == 5 and s.dropped["queue-full"] == 2
+    # the lane is full when s2 comes: 'a' holds the most, so its oldest goes
+    assert isinstance(futures[1].exception(0), AsrOverloaded) and "the queue" in str(futures[1].exception(0))
+    assert not any(f.done() for f in others)
+    s.submit(request(session="s0"))  # 'a' still holds the most: its oldest goes
+    assert isinstance(futures[2].exception(0), AsrOverloaded)
+    s.submit(request(session="s0"))  # now s0 holds the most: its own oldest goes
+    assert isinstance(others[0].exception(0), AsrOverloaded) and "session 's0'" in str(others[0].exception(0))
+    assert s.queued_finals == 5 and s.dropped["shed"] == 4 and s.dropped["queue-full"] == 0
+    order: list[str] = []
+    while s.queued_finals:
+        order += [r.session for r in take(s)]
+    assert sorted(order) == ["a", "s0", "s0", "s1", "s2"]
     # partials without a key cannot supersede each other, so the group bound holds them
     s.submit(request("partial", session="a"))
     assert isinstance(s.submit(request("partial", session="a")).exception(0), AsrOverloaded)
+
+
+def test_a_flooding_call_cannot_take_a_quiet_calls_place_in_a_full_queue() -> None:
+    s = make(max_batch=1, max_group_finals=100, max_finals=10)
+    flood = [s.submit(request(session="flood")) for _ in range(10)]
+    quiet = s.submit(request(session="quiet"))
+    assert not quiet.done()  # admitted: the flood's oldest made room
+    assert isinstance(flood[0].exception(0), AsrOverloaded)
+    late_flood = s.submit(request(session="flood"))
+    assert not late_flood.done() and isinstance(flood[1].exception(0), AsrOverloaded)
+    first_two = [take(s)[0].session for _ in range(2)]
+    assert "quiet" in first_two  # and round robin serves it at once
 
 
 def test_batches_take_compatible_heads_of_every_session() -> None:

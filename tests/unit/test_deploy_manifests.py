@@ -783,3 +783,60 @@ def test_subcommand_exists(sub, capsys):
         cli.main([sub, "--help"])
     assert exc.value.code == 0
     assert f"earshot {sub}" in capsys.readouterr().out
+
+
+# -- the systemd unit -------------------------------------------------------------------------------
+
+def _systemd_unit(path: Path) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit file, every value of a repeated key kept in order."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def _systemd_environment(unit: dict[str, list[str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for value in unit.get("Environment", []):
+        for assignment in shlex.split(value):
+            name, _, val = assignment.partition("=")
+            env[name] = val
+    return env
+
+
+def test_systemd_unit_gives_the_default_store_and_secrets_a_writable_state_directory():
+    """ProtectSystem=strict makes the file system read-only for the service: everything the
+    gateway writes by default (SQLite store, dashboard secret, publisher spool, model cache)
+    must be under the StateDirectory/CacheDirectory systemd creates for it."""
+    from gateway.asr.models import default_cache_dir
+    from gateway.spool import spool_file_for
+    from gateway.web.auth import secret_file_for
+
+    unit = _systemd_unit(DEPLOY / "earshot.service")
+    assert unit["ProtectSystem"] == ["strict"] and unit["ProtectHome"] == ["true"]
+    assert unit["StateDirectory"] == ["earshot"] and unit["CacheDirectory"] == ["earshot"]
+    state, cache = PurePosixPath("/var/lib/earshot"), PurePosixPath("/var/cache/earshot")
+    env = _systemd_environment(unit)
+    assert env["EARSHOT_CONFIG"] == "/etc/earshot/earshot.yaml"
+    # the unit's settings with the example file installed as /etc/earshot/earshot.yaml
+    settings = load_settings(DEPLOY / "earshot.example.yaml",
+                             environ={k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and k != "EARSHOT_CONFIG"})
+    assert settings.database_url.startswith("sqlite:////")
+    database = PurePosixPath(settings.database_url[len("sqlite:///"):])
+    assert database.parent == state
+    assert PurePosixPath(secret_file_for(settings.database_url, settings.web_secret_file)).parent == state
+    assert PurePosixPath(spool_file_for(settings.database_url, settings.publish_spool_file)).parent == state
+    with mock.patch.dict("os.environ", {"EARSHOT_CACHE_DIR": env["EARSHOT_CACHE_DIR"]}):
+        assert PurePosixPath(default_cache_dir()) == cache
+    assert PurePosixPath(env["HF_HOME"]).is_relative_to(cache)
+    # a PostgreSQL URL (with its password) goes in an optional environment file read after the defaults
+    assert unit["EnvironmentFile"] == ["-/etc/earshot/earshot.env"]
+
+
+def test_systemd_unit_state_is_not_world_readable():
+    unit = _systemd_unit(DEPLOY / "earshot.service")
+    assert unit["StateDirectoryMode"] == ["0750"] and unit["UMask"] == ["0027"]

@@ -3,16 +3,37 @@ import pytest
 from gateway.dialplan import DialplanError, load_dialplan
 
 
-def route(plan, to_user="1000", from_user="alice", source="127.0.0.1"):
+def route(plan, to_user="1000", from_user="alice", source="127.0.0.1", trunk="loopback"):
     return plan.route(to_uri=f"sip:{to_user}@pbx", from_uri=f"sip:{from_user}@pbx", to_user=to_user,
-                      from_user=from_user, source=source)
+                      from_user=from_user, source=source, trunk=trunk)
 
 
 def test_bundled_dialplan_routes():
     plan = load_dialplan("dialplans/default.yaml")
+    assert route(plan, from_user="anonymous").rule == "reject-anonymous"
     assert route(plan, from_user="anonymous").action == "reject"
     assert route(plan, to_user="support").tags == ("support",)
     assert route(plan, to_user="2000").rule == "default"
+
+
+def test_bundled_dialplan_accepts_only_calls_from_a_trunk():
+    plan = load_dialplan("dialplans/default.yaml")
+    assert route(plan, trunk="pbx-east").rule == "support"
+    no_trunk = route(plan, trunk="")
+    assert (no_trunk.action, no_trunk.status) == ("reject", 404)
+
+
+def test_trunk_rules_match_the_trunk_name(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - name: carrier\n    match: {trunk: '^carrier$'}\n    tags: [carrier]\n"
+        "  - name: refuse\n    match: {trunk: '^lab'}\n    action: reject\n    status: 403\n"
+    )
+    plan = load_dialplan(path)
+    assert route(plan, trunk="carrier").tags == ("carrier",)
+    assert route(plan, trunk="carrier2").status == 404
+    assert route(plan, trunk="lab-1").rule == "refuse"
 
 
 def test_first_match_wins_and_source_networks(tmp_path):

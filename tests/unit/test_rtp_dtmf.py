@@ -106,3 +106,18 @@ def test_reset_forgets_emitted_timestamps():
     assert decoder.feed(event_packet(1, 100, 800, end=True)) is None
     decoder.reset()
     assert decoder.feed(event_packet(1, 100, 800, end=True)) is not None
+
+
+def test_limiter_caps_the_rate_and_the_total():
+    from gateway.rtp.dtmf import DtmfLimiter
+
+    limiter = DtmfLimiter(per_second=20, per_call=50)
+    burst = [limiter.allow(0.0) for _ in range(30)]
+    assert burst.count(True) == 20 and limiter.dropped == 10  # a second's worth at once
+    assert [limiter.allow(0.5) for _ in range(12)].count(True) == 10  # refilled at 20/s
+    assert sum(limiter.allow(10.0 + i) for i in range(40)) == 20  # the per-call total: 50
+    assert limiter.accepted == 50 and limiter.dropped == 2 + 10 + 20
+    unbounded = DtmfLimiter(per_second=0, per_call=0)
+    assert all(unbounded.allow(0.0) for _ in range(10_000))
+    with pytest.raises(ValueError):
+        DtmfLimiter(per_second=-1)

@@ -139,6 +139,30 @@ def test_gap_exactly_at_cap_is_filled():
     assert out[0] == Frame(160, 40000, None, 0)
 
 
+def test_gap_slack_fills_only_the_time_that_passed():
+    jb = JitterBuffer(max_gap=5.0, gap_slack=0.25)
+    jb.push(pkt(0, 0), 0.0)
+    # a second of DTX that really lasted a second: filled exactly
+    out = jb.push(pkt(1, 160 + 8000), 1.02)
+    assert out[0] == Frame(160, 8000, None, 0) and jb.stats.resyncs == 0
+    # a 5 s timestamp jump 20 ms later: resync, nothing filled
+    out = jb.push(pkt(2, 8320 + 40000), 1.04)
+    assert out == [Frame(8320, 160, pkt(2, 0).payload, 0)] and jb.stats.resyncs == 1
+    # a 4 s jump after 2 s of silence on the wire: the 2 s that passed are filled
+    out = jb.push(pkt(3, 8320 + 40000 + 160 + 32000), 3.04)
+    assert out[0] == Frame(8480, 2 * 8000 - 160, None, 0) and jb.stats.resyncs == 2
+    assert_contiguous(out)
+
+
+def test_gap_slack_keeps_jittered_loss_exact():
+    jb = JitterBuffer(max_delay=0.06, gap_slack=0.31)
+    frames = jb.push(pkt(0, 0), 0.05)  # the first packet delayed by 50 ms
+    frames += jb.push(pkt(2, 320), 0.051)  # the next one lost, this one on time (right behind it)
+    frames += jb.poll(0.2)
+    assert [(f.timestamp, f.payload is None) for f in frames] == [(0, False), (160, True), (320, False)]
+    assert jb.stats.resyncs == 0
+
+
 def test_backwards_timestamp_continues_without_overlap():
     jb = JitterBuffer()
     jb.push(pkt(0, 100000), 0.0)

@@ -244,9 +244,9 @@ def test_latches_to_the_signalling_address_when_sdp_names_another():
     assert rx.stats.foreign_dropped == 1
 
 
-def test_latches_to_an_unexpected_source_after_the_grace_period():
+def test_latch_any_takes_an_unexpected_source_after_the_grace_period():
     rx = RtpReceiver(expected_host="192.0.2.2", expected_port=4000, codecs={0: "PCMU"}, dtmf_payload_type=None,
-                     signalling_host="192.0.2.3", latch_grace=1.0)
+                     signalling_host="192.0.2.3", latch_grace=1.0, latch="any")
     src = ("198.51.100.9", 6000)
     assert rx.receive(build_rtp(0, 1, 0, 7, b"\xff" * 160), src, 0.0) == []
     assert rx.receive(build_rtp(0, 25, 3840, 7, b"\xff" * 160), src, 0.5) == []
@@ -254,3 +254,78 @@ def test_latches_to_an_unexpected_source_after_the_grace_period():
     assert rx.receive(build_rtp(0, 51, 8000, 7, b"\xff" * 160), src, 1.0)
     assert rx.latched == src
     assert rx.stats.foreign_dropped == 2
+
+
+def test_strict_latch_never_takes_a_foreign_source_while_the_legitimate_one_is_late():
+    rx = RtpReceiver(expected_host="192.0.2.2", expected_port=4000, codecs={0: "PCMU"}, dtmf_payload_type=None,
+                     signalling_host="192.0.2.3", latch_grace=1.0)  # strict is the default
+    attacker = ("198.51.100.9", 6000)
+    for i in range(200):  # four seconds of a foreign sender, the legitimate source silent
+        assert rx.receive(build_rtp(0, i, 160 * i, 7, b"\xff" * 160), attacker, 0.02 * i) == []
+    assert rx.latched is None and rx.stats.foreign_dropped == 200
+    late = ("192.0.2.2", 4002)  # the SDP address, NAT-rewritten port
+    assert audio(rx.receive(build_rtp(0, 9, 0, 8, b"\xff" * 160), late, 4.5))
+    assert rx.latched == late
+    assert rx.receive(build_rtp(0, 201, 160 * 201, 7, b"\xff" * 160), attacker, 4.52) == []
+
+
+def test_strict_latch_with_unspecified_sdp_address_takes_only_the_signalling_host():
+    rx = RtpReceiver(expected_host="0.0.0.0", expected_port=None, codecs={0: "PCMU"}, dtmf_payload_type=None,
+                     signalling_host="192.0.2.3")
+    assert rx.receive(build_rtp(0, 1, 0, 7, b"\xff" * 160), ("198.51.100.9", 6000), 0.0) == []
+    assert rx.receive(build_rtp(0, 1, 0, 7, b"\xff" * 160), ("192.0.2.3", 6000), 0.02)
+    assert rx.latched == ("192.0.2.3", 6000)
+    loose = RtpReceiver(expected_host="0.0.0.0", expected_port=None, codecs={0: "PCMU"}, dtmf_payload_type=None,
+                        signalling_host="192.0.2.3", latch="any")
+    assert loose.receive(build_rtp(0, 1, 0, 7, b"\xff" * 160), ("198.51.100.9", 6000), 0.0)
+
+
+def test_unknown_latch_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="latch must be one of strict, any"):
+        make_receiver(latch="loose")
+
+
+def test_timestamp_advancing_seconds_per_packet_is_bounded_by_wall_clock():
+    """The issue's trigger: each packet's timestamp 5 s past the previous one, 50 packets/s.
+    Unbounded, 1000 packets made 5015 s of audio in 20 s; bounded, the timeline follows time."""
+    receiver = make_receiver()
+    produced = 0
+    for i in range(1000):
+        for item in receiver.receive(build_rtp(0, i, (i * 5 * 8000) & 0xFFFFFFFF, 7, b"\xff" * 160), PEER, 0.02 * i):
+            if isinstance(item, AudioChunk):
+                produced += len(item.pcm) // 2
+    elapsed = 0.02 * 999
+    assert produced <= (elapsed * 1.01 + 1.0) * 8000
+    assert produced == receiver.position
+    assert receiver.stats.resyncs >= 990  # every jump re-anchored instead of filled
+
+
+def test_sending_faster_than_real_time_is_dropped_beyond_the_lead():
+    receiver = make_receiver()
+    chunks = []
+    for i in range(500):  # ten seconds of audio sent within one second
+        chunks += receiver.receive(build_rtp(0, i, 160 * i, 7, b"\xff" * 160), PEER, 0.002 * i)
+    end = assert_timeline(audio(chunks))
+    assert end == round((0.002 * 499 * 1.01 + 1.0) * 8000)
+    assert receiver.stats.overrun == 500 * 160 - end
+    # once wall-clock time catches up, audio flows again, at real time
+    more = receiver.receive(build_rtp(0, 500, 160 * 500, 7, b"\xff" * 160), PEER, 3.0)
+    assert audio(more) and audio(more)[0].start_sample == end
+
+
+def test_real_time_stream_with_dtx_and_loss_is_untouched_by_the_bounds():
+    receiver = make_receiver()
+    chunks = []
+    ts, now = 0, 0.0
+    for i in range(3000):  # one minute: 20 ms packets, a second of DTX every 5 s, every 10th packet lost
+        if i % 250 == 249:
+            ts += 8000
+            now += 1.0
+        if i % 10 != 5:
+            chunks += receiver.receive(build_rtp(0, i, ts, 7, b"\xff" * 160), PEER, now)
+        chunks += receiver.poll(now)
+        ts += 160
+        now += 0.02
+    chunks += receiver.flush()
+    assert assert_timeline(audio(chunks)) == ts  # the whole sender timeline, in place
+    assert receiver.stats.overrun == 0 and receiver.stats.resyncs == 0

@@ -49,8 +49,8 @@ class Collector:
         self.datagrams.put_nowait((data, addr))
 
 
-def test_allocator_hands_out_even_ports_round_robin():
-    allocator = RtpPortAllocator(10001, 10008)
+def test_allocator_in_order_hands_out_even_ports_and_reuses_released_ones_late():
+    allocator = RtpPortAllocator(10001, 10008, random=False)
     assert allocator.capacity == 3  # pairs 10002/3, 10004/5, 10006/7
     ports = [allocator.allocate() for _ in range(3)]
     assert ports == [10002, 10004, 10006]
@@ -63,6 +63,27 @@ def test_allocator_hands_out_even_ports_round_robin():
     assert allocator.available == 0
 
 
+def test_allocator_draws_ports_at_random_and_quarantines_released_ones():
+    allocator = RtpPortAllocator(20000, 21000)  # 500 pairs
+    first = [allocator.allocate() for _ in range(20)]
+    assert all(port % 2 == 0 and 20000 <= port < 21000 for port in first)
+    assert len(set(first)) == 20
+    assert first != sorted(first)  # 20 in ascending order by chance: 1 in 20!
+    other = RtpPortAllocator(20000, 21000)
+    assert [other.allocate() for _ in range(20)] != first
+    # a released port waits in quarantine (half the range) before it can come back
+    released = first[0]
+    allocator.release(released)
+    again = [allocator.allocate() for _ in range(480)]
+    assert released not in again
+    assert allocator.available == 1 and allocator.allocate() == released  # last one left
+    with pytest.raises(NoFreePortError):
+        allocator.allocate()
+    for port in first[1:] + again + [released]:
+        allocator.release(port)
+    assert allocator.available == allocator.capacity == 500
+
+
 def test_allocator_rejects_empty_ranges():
     with pytest.raises(ValueError, match="no even/odd port pair"):
         RtpPortAllocator(10000, 10000)
@@ -72,7 +93,7 @@ def test_allocator_rejects_empty_ranges():
 
 async def test_datagrams_reach_the_handler_over_real_udp():
     base = free_even_port_range(2)
-    allocator = RtpPortAllocator(base, base + 3)
+    allocator = RtpPortAllocator(base, base + 3, random=False)
     collector = Collector()
     rtp = await open_rtp_socket(HOST, allocator, collector)
     try:
@@ -109,16 +130,23 @@ async def test_datagrams_reach_the_handler_over_real_udp():
 async def test_ports_held_by_other_processes_are_skipped():
     base = free_even_port_range(3)
     allocator = RtpPortAllocator(base, base + 5)
-    squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    squatter.bind((HOST, base + 1))  # someone else holds the RTCP port of the first pair
+    squatters = []
+    for port in (base + 1, base + 2):  # someone else holds the RTCP port of one pair, the RTP port of another
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        squatter.bind((HOST, port))
+        squatters.append(squatter)
     try:
-        rtp = await open_rtp_socket(HOST, allocator, lambda data, addr: None)
-        try:
-            assert rtp.port == base + 2
-        finally:
-            rtp.close()
+        for _ in range(5):  # whatever the random draw, the one free pair is found
+            rtp = await open_rtp_socket(HOST, allocator, lambda data, addr: None)
+            try:
+                assert rtp.port == base + 4
+                assert allocator.available == 2  # the skipped pairs went back
+            finally:
+                rtp.close()
+            await asyncio.sleep(0.01)  # the transport closes its socket on the next loop turn
     finally:
-        squatter.close()
+        for squatter in squatters:
+            squatter.close()
 
 
 async def test_exhausted_range_raises():

@@ -73,3 +73,23 @@ def test_max_message_bytes_is_configurable() -> None:
     framer = StreamFramer(max_message_bytes=100)
     with pytest.raises(FramingError):
         framer.feed(OPTIONS)
+
+
+def test_cr_or_lf_only_stream_is_bounded_and_refused() -> None:
+    """Issue 11: CR-only (or LF-only) bytes grew the buffer without bound and were rescanned every read."""
+    for byte in (b"\r", b"\n"):
+        framer = StreamFramer()
+        with pytest.raises(FramingError) as info:
+            for _ in range(1000):
+                assert framer.feed(byte * 100) == []
+                assert framer.buffered == 0 and len(framer._tail) <= 3
+        assert info.value.reason == "Bad Request - Line breaks without a message"
+        assert framer.pings == 0 and framer.activity == 0
+
+
+def test_pings_split_across_reads_count_as_activity_and_reset_the_bound() -> None:
+    framer = StreamFramer()
+    for _ in range(1000):  # far more CR/LF bytes than the bound, all valid pings
+        assert framer.feed(b"\r\n\r") == [] and framer.feed(b"\n") == []
+    assert framer.pings == 1000 and framer.activity == 1000
+    assert framer.feed(OPTIONS) == [OPTIONS] and framer.activity == 1001

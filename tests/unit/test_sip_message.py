@@ -213,3 +213,22 @@ def test_extract_sdp_from_multipart() -> None:
     assert extract_sdp("text/plain", b"v=0") is None
     assert extract_sdp("multipart/mixed", body) is None  # no boundary
     assert extract_sdp("multipart/mixed;boundary=zz", body) is None
+
+
+def test_thousands_of_headers_are_refused_cheaply_with_an_addressable_partial() -> None:
+    import time
+
+    from gateway.sip.message import MAX_HEADER_LINES, SipParseError
+
+    head = (b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\n"
+            b"To: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n")
+    for data, reason in ((head + b"X-A: b\r\n" * 7000 + b"\r\n", "Bad Request - Too Many Headers"),
+                         (head + b"X-A: " + b"b" * 60000 + b"\r\n\r\n", "Bad Request - Header Line Too Long")):
+        started = time.perf_counter()
+        with pytest.raises(SipParseError) as info:
+            parse_message(data)
+        assert time.perf_counter() - started < 0.01
+        assert info.value.reason == reason
+        assert info.value.partial is not None and info.value.partial.headers.get("via")
+    ok = head + b"X-A: b\r\n" * (MAX_HEADER_LINES - 6) + b"\r\n"
+    assert parse_message(ok).method == "INVITE"  # type: ignore[union-attr]

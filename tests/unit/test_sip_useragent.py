@@ -491,10 +491,10 @@ def test_hangup_sends_bye_and_reports_when_answered() -> None:
     msg = parse_message(bye.data)
     assert isinstance(msg, SipRequest) and msg.method == "BYE"
     # Loose routing: Request-URI is the remote target, Route carries the set,
-    # and the BYE goes to the first route.
+    # but the BYE itself goes only where the dialog came from (never to a route's host).
     assert msg.uri == "sip:pbx@203.0.113.5:5062"
     assert msg.headers.get_all("route") == ["<sip:sbc2.example.com:5070;lr>", "<sip:sbc1.example.com;lr>"]
-    assert (bye.peer.transport, bye.peer.host, bye.peer.port) == ("udp", "sbc2.example.com", 5070)
+    assert bye.peer == PBX
     assert phone.events() == []  # not yet: the BYE is not answered
     assert phone.ua.hangup(dialog_id, 5.1) is False  # idempotent
     # A 408/481/200 all end it; Timer F otherwise.
@@ -525,7 +525,7 @@ def test_strict_route_rewrites_request_uri() -> None:
     msg = parse_message(bye.data)
     assert msg.uri == "sip:old-proxy.example.com;transport=udp"  # type: ignore[union-attr]
     assert msg.headers.get_all("route") == ["<sip:pbx@203.0.113.5:5062>"]
-    assert (bye.peer.host, bye.peer.port) == ("old-proxy.example.com", 5060)
+    assert bye.peer == PBX  # the dialog's source, not the strict route's host
 
 
 def test_hangup_before_answer_and_before_ack() -> None:
@@ -580,7 +580,7 @@ def test_tcp_contact_bye_on_same_connection_and_no_udp_retransmits() -> None:
     phone.events()
     phone.ua.hangup(event.dialog_id, 3.0)
     (bye,) = phone.ua.take_transmits()
-    assert bye.peer == Peer("tcp", "203.0.113.5", 5060, connection=7)
+    assert bye.peer == tcp  # on the INVITE's own connection
     assert b"SIP/2.0/TCP" in bye.data
     assert phone.advance(10.0) == []  # no Timer E on TCP
 
@@ -605,7 +605,7 @@ def test_tcp_connection_lost_before_answer() -> None:
     phone.send(request("ACK", branch="z9hG4bKack", to_tag=event.dialog_id, via_transport="TCP"), at=2.0)
     phone.ua.hangup(event.dialog_id, 3.0)
     (bye,) = phone.ua.take_transmits()
-    assert bye.peer == Peer("tcp", "203.0.113.5", 5070, 10)
+    assert (bye.peer.host, bye.peer.connection) == ("203.0.113.5", 10)
 
 
 def test_local_host_for_wildcard_uses_request_uri() -> None:

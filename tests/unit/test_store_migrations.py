@@ -10,7 +10,7 @@ from gateway.store.db import DatabaseUrlError, make_engine, make_sessionmaker, p
 from gateway.store.models import Base, Call
 from tests.pg_server import require_shared, scratch_database
 
-TABLES = {"calls", "legs", "turns", "dtmf", "call_events", "users", "api_tokens"}
+TABLES = {"calls", "legs", "turns", "dtmf", "call_events", "users", "api_tokens", "web_revocations"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -19,7 +19,7 @@ def test_password_hash_is_salted_scrypt_and_verifies():
     assert not users.verify_password("md5$1$2$3$4$5", "x")
 
 
-def test_users_login_lockout_and_tokens(session):
+def test_users_login_failures_and_tokens(session):
     name = f"sup{utcnow().timestamp():.0f}".replace(".", "")
     user = users.create_user(session, f"  {name.upper()} ", "s3cret-pass", "supervisor")
     session.commit()
@@ -31,16 +31,18 @@ def test_users_login_lockout_and_tokens(session):
     now = utcnow()
     assert users.authenticate(session, name, "s3cret-pass", now) is user
     assert user.last_login_at == now and user.failed_logins == 0
-    for _ in range(users.MAX_FAILED_LOGINS - 1):
+    # failures are counted but never lock the account (a stranger could lock out its owner):
+    # the dashboard throttles per address instead (tests/unit/test_web_throttle.py)
+    for _ in range(50):
         assert users.authenticate(session, name, "wrong-pass", now) is None
-    assert user.failed_logins == users.MAX_FAILED_LOGINS - 1 and not users.is_locked(user, now)
-    assert users.authenticate(session, name, "wrong-pass", now) is None
-    assert users.is_locked(user, now) and user.locked_until == now + users.LOCKOUT
-    # locked: even the right password is refused, until the lockout runs out
-    assert users.authenticate(session, name, "s3cret-pass", now + timedelta(minutes=1)) is None
-    later = now + users.LOCKOUT + timedelta(seconds=1)
+    assert user.failed_logins == 50 and not users.is_locked(user, now) and user.locked_until is None
+    later = now + timedelta(seconds=1)
     assert users.authenticate(session, name, "s3cret-pass", later) is user
-    assert user.failed_logins == 0 and user.locked_until is None
+    assert user.failed_logins == 0
+    # a lock an older version set still holds until it runs out
+    user.locked_until = later + timedelta(minutes=5)
+    assert users.authenticate(session, name, "s3cret-pass", later) is None
+    assert users.authenticate(session, name, "s3cret-pass", later + timedelta(minutes=6)) is user
     session.commit()
     assert users.authenticate(session, "nobody-here", "s3cret-pass") is None
 

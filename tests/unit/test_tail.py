@@ -87,3 +87,22 @@ def test_format_shows_the_source_of_non_sip_sessions_and_escapes_control_charact
     v1["schema"] = "earshot.event.v1"
     assert format_event(v1).endswith("call ended    (bye, 1.5 s)")
     assert format_event({**v1, "duration_ms": "long"}) is None
+
+
+def test_tail_escapes_bidi_marks_and_bad_bytes_an_older_producer_published():
+    """A From written raw into the stream (not cleaned at ingress: an older gateway) reaches the
+    terminal of `earshot tail` escaped: no ESC, no bidi override, no lone surrogate to crash print()."""
+    stream = f"earshot-test-tail-raw-{uuid.uuid4().hex}"
+    factory = EventFactory(CallInfo("call-0004", "s\udcff", "sip:\u202eevil\x1b[2J\udcff@pbx", "sip:b@y", 0.0))
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.xadd(stream, factory.make(CALL_STARTED).to_fields())
+        out = io.StringIO()
+        assert tail(REDIS_URL, stream, from_start=True, count=1, block_ms=100, out=out, idle_exit_s=2) == 0
+    finally:
+        client.delete(stream)
+        client.close()
+    line = out.getvalue()
+    assert "sip:\\u202eevil\\x1b[2J\\udcff@pbx -> sip:b@y" in line
+    assert not any(c in line for c in "\x1b\u202e\udcff")
+    line.encode("utf-8")

@@ -182,16 +182,22 @@ def test_repeated_failures_from_one_address_are_slowed(client, clock):
     assert r.status_code == 429 and r.headers["retry-after"] == "4"
 
 
-def test_repeated_failures_lock_the_account(client, clock):
-    for i in range(5):
-        clock.now += 60
-        r = login(client, username="target", password=f"wrong-{i}-password")
-        assert r.status_code == 401
-    assert "locked for a while" in r.text
-    clock.now += 120  # past any throttle delay: the store's lockout (15 min) still holds
-    r = login(client, username="target")
-    assert r.status_code == 401
-    assert client.get("/", follow_redirects=False).status_code == 303
+def test_a_stranger_guessing_cannot_lock_the_account_out(dashboard, clock):
+    """Five wrong passwords from one address lock that address out of that account, not the
+    account: its owner, at another address, logs in at once (gateway/web/throttle.py)."""
+    with TestClient(dashboard.asgi, client=("203.0.113.9", 40000)) as stranger, \
+            TestClient(dashboard.asgi, client=("198.51.100.1", 40000)) as owner:
+        for i in range(5):
+            clock.now += 60
+            r = login(stranger, username="target", password=f"wrong-{i}-password")
+            assert r.status_code == 401
+        assert "this address must wait a while" in r.text
+        clock.now += 120  # past any delay: the stranger's lockout (15 min) for this account holds
+        r = login(stranger, username="target")
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 600
+        assert login(stranger, username="alice").status_code == 303  # other accounts are not locked
+        assert login(owner, username="target").status_code == 303
+        assert owner.get("/", follow_redirects=False).status_code == 200
 
 
 def test_login_and_logout_need_the_csrf_token(client):
@@ -241,6 +247,41 @@ def test_sessions_survive_a_restart(store, clock, wall, tmp_path):
     second = TestClient(Dashboard(settings, engine=store["engine"], clock=clock, wall=wall).asgi)
     second.cookies.set(SESSION_COOKIE, first.cookies[SESSION_COOKIE])
     assert second.get("/").status_code == 200
+
+
+def test_a_logout_holds_across_a_restart_and_in_every_process(store, clock, wall, tmp_path):
+    """The logged-out cookie, replayed to a dashboard started afresh on the same store (a
+    restart, or a second gateway), is refused: the revocation is in the store, not in memory."""
+    settings = Settings(database_url=store["url"], web_secret_file=str(tmp_path / "secret"))
+    first = TestClient(Dashboard(settings, engine=store["engine"], clock=clock, wall=wall).asgi)
+    login(first)
+    board = first.get("/")
+    value = first.cookies[SESSION_COOKIE]
+    other = TestClient(Dashboard(settings, engine=store["engine"], clock=clock, wall=wall).asgi)
+    other.cookies.set(SESSION_COOKIE, value)
+    assert other.get("/", follow_redirects=False).status_code == 200  # the other process sees it logged in
+    assert first.post("/logout", data={"csrf_token": csrf_of(board.text)}, follow_redirects=False).status_code == 303
+    assert other.get("/", follow_redirects=False).status_code == 303  # ... and now logged out
+    restarted = TestClient(Dashboard(settings, engine=store["engine"], clock=clock, wall=wall).asgi)
+    restarted.cookies.set(SESSION_COOKIE, value)
+    assert restarted.get("/", follow_redirects=False).status_code == 303
+    assert restarted.get("/api/me").status_code == 401
+
+
+def test_revocations_are_dropped_once_their_session_would_have_expired(store):
+    from datetime import timedelta
+
+    from gateway.store.models import WebRevocation
+    from gateway.store.users import revoke_session, session_revoked
+
+    now = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    with make_sessionmaker(store["engine"])() as s:
+        revoke_session(s, "old-sid", now + timedelta(hours=1), now)
+        revoke_session(s, "new-sid", now + timedelta(hours=3), now + timedelta(hours=2))
+        assert not session_revoked(s, "old-sid") and session_revoked(s, "new-sid")
+        revoke_session(s, "gone-sid", now, now + timedelta(hours=2))  # already expired: not kept
+        assert s.query(WebRevocation).filter(WebRevocation.sid.in_(["old-sid", "gone-sid"])).count() == 0
+        s.rollback()
 
 
 # -- the JSON API

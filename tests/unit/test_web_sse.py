@@ -33,7 +33,8 @@ async def server(tmp_path, prefix):
         user = create_user(s, "alice", "correct horse battery", "supervisor")
         _, token = create_token(s, user, "sse")
         s.commit()
-    settings = Settings(database_url=url, redis_url=REDIS_URL, stream_prefix=prefix)
+    settings = Settings(database_url=url, redis_url=REDIS_URL, stream_prefix=prefix, web_stream_recheck_s=0.2,
+                        web_secret_file=str(tmp_path / "web.secret"))
     dashboard = Dashboard(settings, engine=engine, keepalive_s=0.2)
     dashboard.hub.block_ms = 100
     dashboard.hub.client_name = f"livehub-{prefix}"
@@ -46,7 +47,7 @@ async def server(tmp_path, prefix):
     http = HttpServer(build_app(Metrics(lambda: {}), health, web=dashboard.asgi), "127.0.0.1", 0)
     await http.start()
     yield {"base": f"http://127.0.0.1:{http.port}", "headers": {"Authorization": f"Bearer {token}"},
-           "dashboard": dashboard, "prefix": prefix}
+           "dashboard": dashboard, "prefix": prefix, "engine": engine}
     await http.close()
     await dashboard.close()
     engine.dispose()
@@ -199,3 +200,101 @@ async def test_closed_browser_is_unsubscribed(server):
             assert hub.subscribers == 1
     await wait_for(lambda: hub.subscribers == 0, 10,  # found on the next keep-alive write
                    lambda: f"no subscribers left ({hub.subscribers} is)")
+
+
+# -- a stream ends with the credential that opened it
+
+async def logged_in(client: httpx.AsyncClient, username: str = "alice", password: str = "correct horse battery") -> str:
+    """Log ``client`` in through the form; returns the CSRF token of the new session's pages."""
+    import re
+
+    page = await client.get("/login")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = await client.post("/login", data={"username": username, "password": password, "csrf_token": csrf,
+                                          "next": "/"})
+    assert r.status_code == 303, r.text
+    board = await client.get("/")
+    return re.search(r'name="csrf_token" value="([^"]+)"', board.text).group(1)
+
+
+async def assert_ends_unauthorized(sse: "SseReader") -> None:
+    (_, _, data), _ = await sse.until("unauthorized", timeout=5)
+    assert "no longer valid" in data["reason"]
+    with pytest.raises(StopAsyncIteration):
+        await sse.next()
+
+
+async def test_board_stream_ends_when_its_session_logs_out(server):
+    async with httpx.AsyncClient(base_url=server["base"], timeout=10) as client:
+        csrf = await logged_in(client)
+        async with client.stream("GET", "/live/stream") as response:
+            assert response.status_code == 200
+            sse = SseReader(response)
+            assert (await sse.next())[0] == "snapshot"
+            async with httpx.AsyncClient(base_url=server["base"], cookies=client.cookies, timeout=10) as other_tab:
+                r = await other_tab.post("/logout", data={"csrf_token": csrf})
+                assert r.status_code == 303
+            await assert_ends_unauthorized(sse)
+        # the browser's reconnect with the old cookie: 401
+        assert (await client.get("/live/stream")).status_code == 401
+
+
+async def test_call_stream_ends_when_the_password_changes(server):
+    from gateway.store.users import get_user, set_password
+
+    call = live_call(prompt_texts()[:1], ended=False)
+    await publish(server["prefix"], call)
+    async with httpx.AsyncClient(base_url=server["base"], timeout=10) as client:
+        await logged_in(client)
+        async with client.stream("GET", f"/calls/{call[0].call.call_id}/stream") as response:
+            sse = SseReader(response)
+            await sse.until("live")
+            with make_sessionmaker(server["engine"])() as s:  # `earshot users passwd`, another process
+                set_password(s, get_user(s, "alice"), "a brand new password")
+                s.commit()
+            await assert_ends_unauthorized(sse)
+
+
+async def test_streams_end_when_their_token_is_revoked(server):
+    from gateway.store.models import ApiToken
+    from gateway.store.users import revoke_token
+
+    call = live_call(prompt_texts()[:1], ended=False)
+    await publish(server["prefix"], call)
+    async with httpx.AsyncClient(base_url=server["base"], headers=server["headers"], timeout=10) as client:
+        async with client.stream("GET", "/live/stream") as board, \
+                client.stream("GET", f"/calls/{call[0].call.call_id}/stream") as one:
+            board_sse, call_sse = SseReader(board), SseReader(one)
+            await board_sse.next()
+            await call_sse.until("live")
+            with make_sessionmaker(server["engine"])() as s:
+                token_id = s.query(ApiToken.id).filter(ApiToken.name == "sse").scalar()
+                revoke_token(s, token_id)
+                s.commit()
+            await assert_ends_unauthorized(board_sse)
+            await assert_ends_unauthorized(call_sse)
+        assert (await client.get("/live/stream")).status_code == 401
+
+
+async def test_a_valid_stream_is_not_ended_by_its_rechecks(server):
+    """Over several recheck periods (0.2 s here) a stream whose token still holds gets only
+    keep-alives and the events published meanwhile, never ``unauthorized``."""
+    call = live_call(prompt_texts()[:1], ended=False)
+    async with httpx.AsyncClient(base_url=server["base"], headers=server["headers"], timeout=10) as client:
+        async with client.stream("GET", "/live/stream") as response:
+            sse = SseReader(response)
+            assert (await sse.next())[0] == "snapshot"
+            frames = []
+
+            async def read_on():
+                while True:
+                    frames.append(await sse.next())
+
+            reader = asyncio.create_task(read_on())
+            await asyncio.sleep(0.6)  # three rechecks
+            await publish(server["prefix"], call)  # the stream still delivers
+            await asyncio.sleep(0.9)
+            assert not reader.done(), reader  # the stream did not end
+            reader.cancel()
+    kinds = [frame[0] for frame in frames]
+    assert "call" in kinds and "unauthorized" not in kinds, kinds

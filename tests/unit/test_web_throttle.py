@@ -88,3 +88,74 @@ def test_delay_never_shrinks_while_failing_and_never_exceeds_the_lockout(gaps):
         if t.failures("user:alice", now) > 1:
             assert wait >= previous
         previous = wait
+
+
+# -- the dashboard's policy: no stranger can lock anyone out ---------------------------------
+
+from gateway.web.throttle import LoginGuard  # noqa: E402
+
+
+def fail_until_refused(guard: LoginGuard, address: str, account: str, now: float, attempts: int) -> float:
+    """Make ``attempts`` failed logins as soon as each is allowed; returns the time after the last."""
+    for _ in range(attempts):
+        now += guard.wait(address, account, now)
+        guard.failure(address, account, now)
+    return now
+
+
+def test_a_stranger_guessing_locks_out_only_its_own_address_for_that_account():
+    guard = LoginGuard()
+    guard.success("198.51.100.1", "root")  # the admin logged in from their desk once
+    now = fail_until_refused(guard, "203.0.113.9", "root", 0.0, 5)
+    assert guard.locked_out("203.0.113.9", "root", now)
+    assert guard.wait("203.0.113.9", "root", now) >= 899.0  # the guesser waits 15 minutes
+    assert guard.wait("198.51.100.1", "root", now) == 0.0  # the admin logs in at once
+    assert guard.wait("192.0.2.50", "root", now) == 0.0  # and so does anyone else, after five failures
+
+
+def test_many_addresses_guessing_one_account_are_slowed_but_the_owner_is_not():
+    guard = LoginGuard()
+    guard.success("198.51.100.1", "root")
+    now = 0.0
+    for i in range(40):  # a botnet: four tries from each of ten addresses
+        now = fail_until_refused(guard, f"203.0.113.{i % 10}", "root", now, 1)
+    fresh = guard.wait("192.0.2.77", "root", now)
+    assert 0.0 < fresh <= 30.0  # a new address waits, never longer than 30 s, never locked out
+    assert not guard.locked_out("192.0.2.77", "root", now)
+    assert guard.wait("198.51.100.1", "root", now) == 0.0  # the address that logged in before does not
+    now += fresh
+    assert guard.wait("192.0.2.77", "root", now) == 0.0
+
+
+def test_one_address_spraying_many_accounts_is_stopped():
+    guard = LoginGuard()
+    now = 0.0
+    for i in range(10):
+        now = fail_until_refused(guard, "203.0.113.9", f"user{i}", now, 1)
+    assert guard.wait("203.0.113.9", "someone-else", now) >= 899.0
+    assert guard.wait("203.0.113.10", "someone-else", now) == 0.0
+
+
+def test_a_success_clears_the_pair_but_not_the_address():
+    guard = LoginGuard()
+    now = fail_until_refused(guard, "a", "alice", 0.0, 4)
+    assert guard.pair.failures("a|alice", now) == 4
+    guard.success("a", "alice")
+    assert guard.pair.failures("a|alice", now) == 0 and guard.address.failures("a", now) == 4
+    assert guard.trusted("a", "alice") and not guard.trusted("a", "bob")
+
+
+def test_trusted_addresses_are_bounded():
+    guard = LoginGuard(trusted_per_account=3, max_accounts=2)
+    for i in range(10):
+        guard.success(f"10.0.0.{i}", "alice")
+    assert [a for a in (f"10.0.0.{i}" for i in range(10)) if guard.trusted(a, "alice")] == \
+        ["10.0.0.7", "10.0.0.8", "10.0.0.9"]
+    guard.success("x", "bob")
+    guard.success("x", "carol")
+    assert not guard.trusted("10.0.0.9", "alice") and guard.trusted("x", "carol")
+
+
+def test_a_throttle_without_lockout_survives_huge_failure_counts():
+    t = LoginThrottle(free_failures=1, max_delay_s=30.0, lockout_failures=2**62, lockout_s=30.0)
+    assert t.delay_after(10_000) == 30.0

@@ -49,6 +49,7 @@ from ..interface import (
     TranscriptionRequest,
     TranscriptionResult,
 )
+from ...config import mask_url
 from .wire import PoolNames, WireError, decode_reply, encode_job
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ class PoolTranscriber:
                 continue
             backoff = 0.1
             if not self.connected:
-                log.info("ASR pool reachable through Redis at %s", self.redis_url)
+                log.info("ASR pool reachable through Redis at %s", mask_url(self.redis_url))
             self.connected = True
             ids = []
             for _stream, entries in response or []:

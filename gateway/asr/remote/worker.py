@@ -51,6 +51,7 @@ from redis.exceptions import RedisError, ResponseError
 from ..interface import AsrTimeout, Superseded, TranscriberClosed, TranscriptionResult
 from ..runner import BatchRunner, Engine
 from ..scheduler import AsrScheduler, Batch, SchedulerLimits
+from ...config import mask_url
 from .wire import Job, PoolNames, Reply, WireError, decode_job, encode_reply
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class AsrWorker:
                 continue
             backoff = 0.1
             if not self.redis_up:
-                log.info("serving the ASR pool from %s", self.config.redis_url)
+                log.info("serving the ASR pool from %s", mask_url(self.config.redis_url))
             self.redis_up = True
 
     async def _read(self, streams: dict[str, str], count: int, block: int | None) -> int:

@@ -766,7 +766,7 @@ def _ga_format(value: Any, param: str) -> str:
 
 
 def _legacy_format(value: Any, param: str) -> str:
-    if value not in _LEGACY_FORMATS:
+    if not isinstance(value, str) or value not in _LEGACY_FORMATS:  # a list or object is unhashable
         raise ProtocolError("invalid_value", f"unsupported input_audio_format {value!r}; supported: "
                             + ", ".join(_LEGACY_FORMATS), param)
     return _LEGACY_FORMATS[value]
@@ -796,7 +796,7 @@ def _turn_detection(value: Any, param: str) -> TurnDetection | None:
     kind = value.get("type", "server_vad")
     if kind == "semantic_vad":
         eagerness = value.get("eagerness", "auto")
-        if eagerness not in SEMANTIC_EAGERNESS:
+        if not isinstance(eagerness, str) or eagerness not in SEMANTIC_EAGERNESS:
             raise ProtocolError("invalid_value", f"'{param}.eagerness' must be one of low, medium, high, auto, "
                                 f"got {eagerness!r}", f"{param}.eagerness")
         return TurnDetection("semantic_vad", eagerness=eagerness)

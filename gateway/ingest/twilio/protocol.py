@@ -197,7 +197,7 @@ class TwilioStream:
         call_sid = start.get("callSid", "")
         account_sid = start.get("accountSid", "")
         for name, value in (("streamSid", stream_sid), ("callSid", call_sid), ("accountSid", account_sid)):
-            if not isinstance(value, str) or (value and not _SID.match(value)):
+            if not isinstance(value, str) or (value and not _SID.fullmatch(value)):  # fullmatch: "$" alone lets a trailing newline in
                 return [self._error("invalid-start", f"start.{name} must be a short id string", "start")]
         if not stream_sid:
             return [self._error("invalid-start", "start.streamSid is missing", "start")]
@@ -340,6 +340,6 @@ def _parse_ms(value: object) -> int | None:
         return value if value >= 0 else None
     if isinstance(value, float):
         return int(value) if 0 <= value < 1e12 else None
-    if isinstance(value, str) and value.isdigit() and len(value) <= 12:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:  # not "²"
         return int(value)
     return None

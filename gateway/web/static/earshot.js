@@ -107,6 +107,7 @@ function startBoard(table) {
     refresh();
   });
   source.addEventListener("call", function (e) { upsert(JSON.parse(e.data)); refresh(); });
+  source.addEventListener("unauthorized", loggedOut(source));
   source.addEventListener("ended", function (e) {
     var row = find(JSON.parse(e.data).call_id);
     if (row) rows.removeChild(row);
@@ -197,6 +198,15 @@ function startCall(list) {
     if (empty) empty.hidden = list.children.length > 0;
   });
   source.addEventListener("end", function () { source.close(); ended(); });
+  source.addEventListener("unauthorized", loggedOut(source));
+}
+
+// the server ended a stream whose login ended (logout, password change): to the login page
+function loggedOut(source) {
+  return function () {
+    source.close();
+    window.location.assign("/login?next=" + encodeURIComponent(window.location.pathname));
+  };
 }
 
 document.addEventListener("DOMContentLoaded", function () {
