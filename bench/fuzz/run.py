@@ -1,6 +1,6 @@
 """The fuzz job: every fuzz target under atheris, one after another, with its seeds.
 
-    .venv/bin/python bench/fuzz/run.py                       # the full job (2.2M inputs, about an hour on 1 core)
+    .venv/bin/python bench/fuzz/run.py                       # the full job (2.6M inputs, about an hour on 1 core)
     .venv/bin/python bench/fuzz/run.py --target sdp --runs 50000
     .venv/bin/python bench/fuzz/run.py --scale 0.01 --no-write   # a smoke run
 
@@ -44,10 +44,13 @@ PLAN: dict[str, tuple[int, int]] = {
     "twilio": (200_000, 4096),
     "sip_message": (1_000_000, 4096),
     "useragent": (200_000, 8192),  # the slowest: a whole call flow per input
+    "siprec_body": (200_000, 8192),  # split_body, then parse_metadata of the part it finds
+    "siprec_metadata": (200_000, 8192),  # parse_metadata, merge, leg_for_label
 }
 
 #: libFuzzer dictionary (bench/fuzz/dicts/) of each target: protocol tokens mutations may insert
-DICTS = {"sip_message": "sip", "useragent": "sip", "framer": "sip", "sdp": "sdp", "rtp": "rtp"}
+DICTS = {"sip_message": "sip", "useragent": "sip", "framer": "sip", "sdp": "sdp", "rtp": "rtp",
+         "siprec_body": "siprec", "siprec_metadata": "siprec"}
 
 #: What the fuzz job has found so far, each fixed, its input kept in bench/fuzz/regressions/ and a
 #: test in tests/unit/test_fuzz_properties.py (kept here so the section says it after every run).
@@ -143,13 +146,17 @@ Coverage-guided fuzzing with atheris {first.get('atheris', '?')} (libFuzzer) of 
 protocol core, one target at a time, each from the seed corpus in `bench/fuzz/seeds/` plus the corpus
 earlier runs grew. What counts as a failure is defined per target in `bench/fuzz/targets.py`: any
 exception other than the module's documented error (`SipParseError`, `FramingError`, `SdpError`,
-`RtpError`; none at all from `UserAgent.receive`, whose internal-error safety net and ERROR logs count
+`RtpError`, `SiprecError`; none at all from `UserAgent.receive`, whose internal-error safety net and ERROR logs count
 as failures, from `RtpReceiver`, `RealtimeConnection.receive` and `TwilioStream.receive`), or a broken
 invariant (parse/serialize round trips of SIP and SDP, no bare CR in a parsed SIP header or in our SDP
 answer, our answer re-reading as sent, SRTP keys only where the policy allows, audio chunks contiguous on
 the call timeline and never ahead of the wall clock by more than the receiver's documented bound, framed
-messages within the size limit, Twilio fill bounded by the stream clock). The user agent is driven with
-and without admission control (loopback, a digest trunk, an unverified trunk) and with session timers on. SIPREC metadata is not fuzzed: it does not exist yet (issue 12).
+messages within the size limit, Twilio fill bounded by the stream clock, SIPREC parts taken from the body
+as they are, every SDP label mapped only to a participant of the metadata with that participant's role, a
+merge never dropping a party nor changing a role without a hint, reasons fit for a SIP reason phrase). The
+user agent is driven with and without admission control (loopback, a digest trunk, an unverified trunk) and
+with session timers on. The SIPREC targets run on the body splitter and the RFC 7865 metadata parser alone
+(gateway/siprec/); the user agent target does not send SIPREC INVITEs.
 
 Machine: {first.get('machine', machine_description())}; one fuzzer process at a time on a machine
 shared with other work. The command of the first target: `{first.get('command', '')}` (the others with their own

@@ -372,6 +372,65 @@ def twilio_streams() -> dict[str, bytes]:
     return {k: SEP.join(v) for k, v in streams.items()}
 
 
+# -- SIPREC -------------------------------------------------------------------------------
+
+
+def _siprec_samples() -> dict[str, tuple[str, bytes]]:
+    """``name -> (Content-Type, body)`` of the hand-written vendor requests in tests/siprec_samples/."""
+    from tests.siprec_samples import NAMES, load, split
+
+    out = {}
+    for name in NAMES:
+        out[name] = split(load(name))
+        out[f"{name}_lf"] = split(load(name, crlf=False))
+    return out
+
+
+_SIPREC_XML = (
+    '<recording xmlns="urn:ietf:params:xml:ns:recording:1"><datamode>partial</datamode>'
+    '<participant participant_id="p1"><participant_id>p1</participant_id><aor>tel:+1-555-0100</aor><name>A</name>'
+    '<send>s1</send><extensiondata><x:callingParty xmlns:x="urn:x">true</x:callingParty></extensiondata>'
+    '</participant><participant participant_id="p2" role="agent"><nameID aor="sips:b;x=y@h"/></participant>'
+    '<stream stream_id="s1"><label>1</label></stream><stream stream_id="s2"><label>2</label>'
+    '<extensiondata><participant>p2</participant></extensiondata></stream>'
+    '<participantstreamassoc participant_id="p2"><send>s2</send><recv>s1</recv></participantstreamassoc>'
+    "<!-- c --><![CDATA[x]]></recording>"
+)
+
+
+def siprec_bodies() -> dict[str, bytes]:
+    seeds = {name: ct.encode() + b"\n" + body for name, (ct, body) in _siprec_samples().items()}
+    seeds["plain_sdp"] = b"application/sdp\n" + OFFER.encode()
+    seeds["metadata_only"] = b"application/rs-metadata\n" + _SIPREC_XML.encode()
+    seeds["quoted_boundary_preamble"] = (
+        b'multipart/mixed; boundary="a;b"\npreamble\r\n--a;b\r\nContent-Type: application/sdp\r\n\r\n'
+        + OFFER.encode() + b"\r\n--a;b\r\nContent-Type: application/rs-metadata+xml\r\n"
+        b"Content-Disposition: recording-session;handling=required\r\n\r\n" + _SIPREC_XML.encode() + b"\r\n--a;b--")
+    return seeds
+
+
+def siprec_metadata_docs() -> dict[str, bytes]:
+    docs = {}
+    for name, (ct, body) in _siprec_samples().items():
+        if name.endswith("_lf"):
+            continue
+        from gateway.siprec.body import split_body
+
+        metadata = split_body(ct, body).metadata
+        if metadata is not None:
+            docs[name] = metadata
+    docs["avaya_invite_then_reinvite"] = SEP.join(
+        record(0, docs[n]) for n in ("avaya_sbce_invite", "avaya_sbce_reinvite"))
+    docs["hints_nested_partial"] = _SIPREC_XML.encode()
+    docs["hints_then_swap"] = SEP.join([record(0, _SIPREC_XML.encode()), record(0, _SIPREC_XML.replace(
+        "true", "false").replace('role="agent"', 'role="caller"').encode()), record(0, docs["cisco_cube"])])
+    docs["undeclared_prefix"] = (b'<rs:recording><rs:participant rs:participant_id="a"><rs:nameID aor="sip:9@x"/>'
+                                 b"</rs:participant></rs:recording>")
+    docs["utf16"] = _SIPREC_XML.encode("utf-16")
+    docs["doctype"] = b'<!DOCTYPE r [<!ENTITY x "y">]><recording/>'
+    return docs
+
+
 def corpora() -> dict[str, dict[str, bytes]]:
     return {
         "sip_message": sip_messages(),
@@ -381,6 +440,8 @@ def corpora() -> dict[str, dict[str, bytes]]:
         "rtp": rtp_streams(),
         "realtime": realtime_sessions(),
         "twilio": twilio_streams(),
+        "siprec_body": siprec_bodies(),
+        "siprec_metadata": siprec_metadata_docs(),
     }
 
 

@@ -23,9 +23,13 @@ realtime       ``RealtimeConnection`` (query string +      ``ProtocolError`` bec
                client JSON events)                         ``error`` event; nothing escapes
 twilio         ``TwilioStream`` (Twilio JSON messages)     ``ProtocolError`` actions; nothing
                                                            escapes
+siprec_body    ``split_body`` (Content-Type line, then     ``SiprecError``
+               the body), then ``parse_metadata`` of
+               the metadata part it finds
+siprec_        ``parse_metadata`` of each record, each     ``SiprecError``
+metadata       one merged (``merge``) into the previous,
+               ``leg_for_label`` of every label
 =============  ==========================================  ===============================
-
-SIPREC metadata (issue 12) has no target: there is no parser for it yet.
 
 A defect is reported by raising :class:`FuzzBug` (a broken invariant) or by
 letting the unexpected exception escape; atheris then saves the input as a
@@ -64,6 +68,9 @@ from gateway.sip.framing import FramingError, StreamFramer
 from gateway.sip.message import SipParseError, SipRequest, SipResponse, parse_message, serialize
 from gateway.sip import useragent as useragent_module
 from gateway.sip.useragent import UserAgent
+from gateway.siprec import body as siprec_body_module
+from gateway.siprec import metadata as siprec_metadata_module
+from gateway.siprec.body import SiprecError
 
 __all__ = ["SEP", "TARGETS", "FuzzBug", "records"]
 
@@ -564,6 +571,93 @@ def twilio_target(data: bytes) -> None:
     stream.close()
 
 
+# ---------------------------------------------------------------------------
+# SIPREC body and metadata
+
+
+def _check_reason(exc: SiprecError) -> None:
+    reason = exc.reason
+    if not reason or not reason.isascii() or not reason.isprintable() or len(reason) > 120:
+        raise FuzzBug(f"SiprecError reason unusable in a SIP reason phrase: {reason!r}") from exc
+
+
+def siprec_body_target(data: bytes) -> None:
+    """The first line is the Content-Type, the rest the body: only SiprecError; the SDP and the
+    metadata are pieces of the body, and the metadata found is parsed (siprec_metadata's checks)."""
+    content_type, _, body = data.partition(b"\n")
+    try:
+        got = siprec_body_module.split_body(content_type.decode("latin-1").rstrip("\r"), body)
+    except SiprecError as exc:
+        _check_reason(exc)
+        return
+    if got.sdp and got.sdp not in body:
+        raise FuzzBug(f"split_body made up SDP bytes: {got.sdp[:200]!r}")
+    if (got.metadata is None) != (got.metadata_type is None) or (
+            got.metadata is not None and (got.metadata not in body
+                                          or got.metadata_type not in siprec_body_module.METADATA_TYPES)):
+        raise FuzzBug(f"inconsistent metadata part: {got.metadata_type!r} {(got.metadata or b'')[:200]!r}")
+    if got.metadata is not None:
+        _metadata_records([got.metadata])
+
+
+def _check_metadata(meta: "siprec_metadata_module.RecordingMetadata", labels: list[str]) -> None:
+    limit = siprec_metadata_module.MAX_PARTIES
+    ids = [p.participant_id for p in meta.participants]
+    if len(ids) != len(set(ids)) or len(ids) > limit or len(meta.streams) > limit:
+        raise FuzzBug(f"participants/streams not unique or over {limit}: {ids[:10]} {len(meta.streams)} streams")
+    if len({s.stream_id for s in meta.streams}) != len(meta.streams):
+        raise FuzzBug("two streams with one stream_id")
+    roles = {p.participant_id: p.role for p in meta.participants}
+    if any(role not in siprec_metadata_module.ROLES for role in roles.values()):
+        raise FuzzBug(f"a role outside {siprec_metadata_module.ROLES}: {roles}")
+    if meta.participants and "customer" not in roles.values() and not any(p.role_hint for p in meta.participants):
+        raise FuzzBug(f"nobody is the customer and no hint said so: {roles}")
+    for label in [s.label for s in meta.streams] + labels:
+        ident = meta.leg_for_label(label)
+        if ident is None:
+            continue
+        if ident.participant_id not in roles or ident.role != roles[ident.participant_id] or ident.label != label.strip():
+            raise FuzzBug(f"leg_for_label({label!r}) -> {ident!r}, not a participant of the metadata as given")
+
+
+def _metadata_records(docs: list[bytes]) -> None:
+    merged = None
+    for xml in docs:
+        try:
+            meta = siprec_metadata_module.parse_metadata(xml)
+        except SiprecError as exc:
+            _check_reason(exc)
+            continue
+        _check_metadata(meta, ["1", "2", "caller", "agent"])
+        if merged is None:
+            merged = meta
+            continue
+        hinted = {p.participant_id for p in meta.participants if p.role_hint is not None}
+        try:
+            after = siprec_metadata_module.merge(merged, meta)
+        except SiprecError as exc:
+            _check_reason(exc)
+            continue
+        _check_metadata(after, [s.label for s in merged.streams])
+        roles = {p.participant_id: p.role for p in after.participants}
+        for party in merged.participants:
+            if party.participant_id not in roles:
+                raise FuzzBug(f"merge dropped participant {party.participant_id!r}")
+            if party.participant_id not in hinted and roles[party.participant_id] != party.role:
+                raise FuzzBug(f"merge changed the role of {party.participant_id!r} without a hint: "
+                              f"{party.role} -> {roles[party.participant_id]}")
+        merged = after
+    if merged is not None and siprec_metadata_module.merge(merged, merged).participants != merged.participants:
+        raise FuzzBug("merging metadata with itself changed its participants")
+
+
+def siprec_metadata_target(data: bytes) -> None:
+    """Each record (control byte ignored) one metadata document: the first as an INVITE's, each
+    later one a re-INVITE/UPDATE merged into what came before; a single record is the whole input."""
+    docs = [body for _, body in records(data)] if SEP in data else [data]
+    _metadata_records(docs[:8])
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "sip_message": sip_message,
     "useragent": useragent,
@@ -572,6 +666,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "rtp": rtp,
     "realtime": realtime_target,
     "twilio": twilio_target,
+    "siprec_body": siprec_body_target,
+    "siprec_metadata": siprec_metadata_target,
 }
 
 

@@ -355,6 +355,65 @@ def test_twilio_protocol_never_raises_and_bounds_the_fill(messages: list[str], s
     stream.close()
 
 
+# -- SIPREC body and metadata (gateway/siprec) --------------------------------------------------
+
+XML_PIECES = ['<recording xmlns="urn:ietf:params:xml:ns:recording:1">', "</recording>", "<recording>", "<rs:recording>",
+              "<participant", ' participant_id="p1"', ' participant_id="p2"', ' id="p1"', ">", "/>", "</participant>",
+              '<nameID aor="sip:+15550001@x">', '<nameID aor="tel:+1-555-0002">', "</nameID>", "<name>Al</name>",
+              "<stream", ' stream_id="s1"', ' stream_id="s2"', "<label>1</label>", "<label>2</label>", "</stream>",
+              "<participantstreamassoc", "</participantstreamassoc>", "<send>s1</send>", "<send>s2</send>",
+              "<recv>s1</recv>", "<callingParty>true</callingParty>", "<role>agent</role>", "<datamode>partial</datamode>",
+              "<!DOCTYPE x>", "<!ENTITY a 'b'>", "&amp;", "&x;", "<![CDATA[", "]]>", "<!--", "-->", "<e>", "</e>", "\x00",
+              "\u00b2", "<", "&", '"']
+xml_docs = st.lists(st.sampled_from(XML_PIECES) | st.text(max_size=4), max_size=30).map(
+    lambda pieces: "".join(pieces).encode("utf-8", "surrogatepass"))
+PART_HEADS = ["Content-Type: application/sdp", "Content-Type: application/rs-metadata+xml",
+              "Content-Type: application/rs-metadata\r\nContent-Disposition: recording-session", "c: text/plain",
+              "Content-Transfer-Encoding: base64", "X", "", " folded"]
+
+
+@st.composite
+def siprec_bodies(draw: st.DrawFn) -> bytes:
+    boundary = draw(st.sampled_from(["b1", "a;b", "x" * 70, ""]))
+    eol = draw(st.sampled_from(["\r\n", "\n"]))
+    parts = draw(st.lists(st.tuples(st.lists(st.sampled_from(PART_HEADS), max_size=3), xml_docs), max_size=10))
+    body = draw(st.sampled_from(["", "preamble" + eol]))
+    for heads, content in parts:
+        body += f"--{boundary}{eol}" + eol.join(heads) + eol + eol + content.decode("utf-8", "surrogatepass") + eol
+    body += draw(st.sampled_from([f"--{boundary}--{eol}", "", f"--{boundary}"]))
+    content_type = draw(st.sampled_from([f'multipart/mixed;boundary="{boundary}"', f"multipart/mixed; boundary={boundary}",
+                                         "multipart/mixed", "application/sdp", "application/rs-metadata+xml", "", "x/y"]))
+    return content_type.encode() + b"\n" + body.encode("utf-8", "surrogatepass")
+
+
+@QUICK
+@given(siprec_bodies())
+def test_siprec_body_raises_only_siprec_error_and_takes_parts_as_they_are(data: bytes) -> None:
+    targets.siprec_body_target(data)  # its invariants: parts are pieces of the body, the metadata parses or errs
+
+
+@QUICK
+@given(st.lists(xml_docs, min_size=1, max_size=3))
+def test_siprec_metadata_raises_only_siprec_error_and_merges_keep_parties(docs: list[bytes]) -> None:
+    targets.siprec_metadata_target(targets.SEP.join(b"\x00" + d for d in docs))
+
+
+def test_the_siprec_targets_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leg mapped to someone outside the metadata, and an undocumented exception, both fail the target."""
+    from gateway.siprec import metadata as siprec_metadata
+    from gateway.siprec.metadata import LegIdentity
+
+    seed = (FUZZ / "seeds" / "siprec_metadata" / "cisco_cube").read_bytes()
+    targets.siprec_metadata_target(seed)
+    monkeypatch.setattr(siprec_metadata.RecordingMetadata, "leg_for_label",
+                        lambda self, label: LegIdentity(label, "nobody", "", "", "agent"))
+    with pytest.raises(targets.FuzzBug, match="not a participant"):
+        targets.siprec_metadata_target(seed)
+    monkeypatch.setattr(siprec_metadata, "parse_metadata", lambda xml: {}["planted"])
+    with pytest.raises(KeyError):
+        targets.siprec_body_target((FUZZ / "seeds" / "siprec_body" / "broadworks").read_bytes())
+
+
 # -- the fuzz job's own inputs ---------------------------------------------------------------
 
 def _inputs(folder: str) -> list[tuple[str, Path]]:
