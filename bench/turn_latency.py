@@ -4,6 +4,7 @@ side by side: false cuts, missed ends, WER and where the time goes.
 Usage:
     .venv/bin/python bench/turn_latency.py [--policies silence semantic] [--silence 500]
         [--concurrency 1 8] [--variant NAME:EARSHOT_X=V,...] [--files F ...] [--no-write]
+    .venv/bin/python bench/turn_latency.py --offline [--files F ...]   # counts only, no gateways: see offline()
 
 Policies (docs/turns.md): ``silence`` = EARSHOT_TURN_DETECTION=silence (the turn ends after
 EARSHOT_SILENCE_MS of silence) and ``semantic`` = EARSHOT_TURN_DETECTION=semantic (Smart Turn v3.2
@@ -39,7 +40,8 @@ A final's bounds (``start_ms``..``end_ms``, padding included) are put on the fix
 * WER: each call's finals' texts in turn order against the fixture's reference (gateway.asr.wer,
   corpus WER over the calls).
 * stages, from the end of speech: the decision (semantic finals: the time of the gateway's debug
-  log line ``P(complete) ..., ends it``, which is written as the model's answer ends the turn; the
+  log line ``P(complete) ..., ends it``, which is written as the model's answer ends the turn, or
+  ``text ends it`` when the speculative final's text came after the model's "complete"; the
   gateway runs with EARSHOT_LOG_LEVEL=debug under every policy for that), the final built (the
   event's ``time``: ASR and the previous final done), the XADD (Redis entry id). The silence
   policy's decision has no timestamp of its own (no event or log line marks it).
@@ -50,6 +52,7 @@ Writes the "turn_latency" section of bench/RESULTS.md and bench/results/turn_lat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -99,6 +102,9 @@ RTP_PORTS_PER_GATEWAY = 200
 
 _ASK_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) DEBUG gateway\.pipeline: (\S+)/\S+ turn (\d+): "
                        r"P\(complete\) ([0-9.]+)(, ends it)?")
+# the semantic policy's second signal: the speculative final's text (docs/turns.md)
+_TEXT_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) DEBUG gateway\.pipeline: (\S+)/\S+ turn (\d+): "
+                        r"text (?:(ends it)|reads unfinished \((.*)\), keeps it open)")
 
 
 def _iso_to_epoch(text: str) -> float:
@@ -121,11 +127,19 @@ def interleave(a: Sequence[str], b: Sequence[str]) -> list[str]:
 
 def parse_asks(lines: Sequence[str]) -> dict[str, list[dict]]:
     """The end-of-turn model's answers from the gateway's debug log, by call id: wall time (the
-    log's local-time stamp, ms), the leg's turn index, P(complete), whether it ended the turn."""
+    log's local-time stamp, ms), the leg's turn index, P(complete), whether it ended the turn.
+    The text's verdicts (``text`` True, ``p`` None) come in the same list: the text ended the
+    turn (the model had said complete first), or read as unfinished (``reason``)."""
     out: dict[str, list[dict]] = {}
     for line in lines:
         m = _ASK_LINE.match(line)
         if m is None:
+            t = _TEXT_LINE.match(line)
+            if t is not None:
+                stamp = dt.datetime.strptime(t.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                out.setdefault(t.group(2), []).append({"wall": stamp, "turn": int(t.group(3)), "p": None,
+                                                       "ends": bool(t.group(4)), "text": True,
+                                                       "reason": t.group(5)})
             continue
         stamp = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         out.setdefault(m.group(2), []).append({"wall": stamp, "turn": int(m.group(3)),
@@ -196,7 +210,7 @@ def measure_call(plan: CallPlan, asks: dict[str, list[dict]], pad_after_ms: int)
     entry = plan.entry
     out: dict = {"file": entry.file, "kind": entry.kind, "reference": entry.text, "sip_call_id": plan.sip_call_id,
                  "mid_sentence_pauses": mid_sentence_pauses(entry.turns), "true_turns": len(entry.turns),
-                 "finals": [], "cuts": [], "ends": [], "asks": [], "hypothesis": ""}
+                 "finals": [], "cuts": [], "ends": [], "asks": [], "texts": [], "hypothesis": ""}
     started = next((a for a in plan.events if a.event["type"] == "call.started"), None)
     stream = plan.stream
     if started is None or stream is None or not stream.sent_wall:
@@ -247,7 +261,7 @@ def measure_call(plan: CallPlan, asks: dict[str, list[dict]], pad_after_ms: int)
         finals[cut["final"]]["false_cut"] = cut["kind"]
     for a in call_asks:
         pos = audio_ms_at(a["wall"])
-        out["asks"].append({**a, "audio_ms": pos, "where": ask_position(entry.turns, pos),
+        out["texts" if a.get("text") else "asks"].append({**a, "audio_ms": pos, "where": ask_position(entry.turns, pos),
                             "since_first_packet_s": a["wall"] - first_sent})
     out.update({"finals": finals, "cuts": verdict["cuts"], "ends": verdict["ends"],
                 "hypothesis": " ".join(f["text"] for f in finals if f["text"])})
@@ -391,6 +405,7 @@ def summarize(run: dict, semantic: bool) -> dict:
     cuts = [cut for c in calls for cut in c["cuts"]]
     paused_calls = [c for c in calls if c["kind"] == "paused"]
     asks = [a for c in calls for a in c["asks"]]
+    texts = [a for c in calls for a in c.get("texts", [])]
     s = {
         "true_turns": len(ends), "finals": len(finals), "timed": len(enders),
         "p50": percentile(lat, 50), "p95": percentile(lat, 95),
@@ -430,6 +445,8 @@ def summarize(run: dict, semantic: bool) -> dict:
         "asks_end": [a["p"] for a in asks if a["where"] == "end"],
         "asks_pause": [a["p"] for a in asks if a["where"] == "pause"],
         "asks_other": [a["p"] for a in asks if a["where"] == "other"],
+        "text_unfinished": {w: sum(1 for a in texts if not a["ends"] and a["where"] == w) for w in ("end", "pause", "other")},
+        "text_ended": sum(1 for a in texts if a["ends"]),
     }
     s["missed_ends"] = s["ended_silence"] if semantic else None
     s["missed_rate"] = (s["ended_silence"] / (s["ended_semantic"] + s["ended_silence"])
@@ -443,6 +460,95 @@ def _asks_cell(values: list[float], threshold: float) -> str:
     return f"{len(values)}: median {_med(values):.2f}, {sum(1 for p in values if p >= threshold)} at or above {threshold:g}"
 
 
+# -- offline: every pause's answers, for policies the gateway does not run -----------------------
+
+OFFLINE_PAUSES_MS = (160, 320, 512)  # pause lengths (whole 32 ms chunks) at which the model is asked again
+
+
+def offline(files: list[str]) -> dict:
+    """Each fixture through the gateway's Silero VAD and semantic turn detector (its defaults),
+    with an oracle ending exactly the true turns, so that every pause is asked about with the
+    context the gateway would give it; at each pause Smart Turn's P(complete) at several pause
+    lengths (while the pause lasts) and tiny.en's transcript of the speculative final (beam 2,
+    no context). Then false cuts / missed ends of policies decided from those numbers alone:
+    the model alone at several thresholds, with the text rule, and asking again as the pause grows
+    with a falling threshold. No SIP, no timing: counts only."""
+    import numpy as np
+    from faster_whisper import WhisperModel
+
+    from gateway.app import turn_config
+    from gateway.asr.models import resolve_model
+    from gateway.media.endofturn import SmartTurn
+    from gateway.media.endofturn_text import unfinished
+    from gateway.media.resample import upsample_8k_to_16k
+    from gateway.media.turn import EndOfTurnQuery, TurnDetector
+    from gateway.media.vad import SileroVad
+    from tests.fixtures_data import read_pcm16
+
+    settings = Settings()
+    config = dataclasses.replace(turn_config(settings), policy="semantic", partial_interval_ms=0)
+    vad, model = SileroVad(), SmartTurn()
+    asr = WhisperModel(resolve_model(settings.asr_model), device="cpu", compute_type="int8", cpu_threads=1)
+    pauses: list[dict] = []
+    for name in files:
+        entry = get_entry(name)
+        pcm = np.frombuffer(read_pcm16(name)[0], np.int16)
+        pcm = np.concatenate([pcm, np.zeros(2 * 8000, np.int16)])
+        vad.add_stream(name)
+        detector = TurnDetector(config, 8000)
+        probs, here = [], []
+        for i in range(len(pcm) // 256):
+            chunk = pcm[i * 256:(i + 1) * 256]
+            p = vad.infer({name: chunk})[name]
+            probs.append(p)
+            for event in detector.feed(chunk, p):
+                if isinstance(event, EndOfTurnQuery):
+                    voiced = detector._last_voiced_end  # noqa: SLF001  # bench introspection
+                    where = ask_position(entry.turns, voiced / 8 + config.semantic_min_silence_ms)
+                    here.append({"file": name, "start": detector._turn_start, "voiced": voiced, "where": where})  # noqa: SLF001
+                    detector.answer(event.query, 1.0 if where == "end" else 0.0)
+        vad.remove_stream(name)
+        voiced_chunks = np.asarray(probs) >= config.threshold
+        for p in here:
+            c = p["voiced"] // 256
+            later = np.nonzero(voiced_chunks[c:])[0]
+            resumes = (c + int(later[0])) * 256 if len(later) else len(pcm)
+            p["p"] = {}
+            for ms in OFFLINE_PAUSES_MS:
+                end = p["voiced"] + ms * 8
+                if end <= resumes:
+                    p["p"][ms] = float(model.predict([upsample_8k_to_16k(pcm[max(p["start"], end - 64000):end])])[0])
+            audio = upsample_8k_to_16k(pcm[p["start"]:p["voiced"] + config.pad_after_ms * 8])
+            segments, _ = asr.transcribe(audio, language="en", beam_size=settings.asr_beam_size, without_timestamps=True,
+                                         condition_on_previous_text=False)
+            p["text"] = " ".join(seg.text.strip() for seg in segments)
+            p["unfinished"] = unfinished(p["text"])
+        pauses.extend(here)
+        print(f"offline: {name}: {len(here)} pauses asked about", flush=True)
+    first = OFFLINE_PAUSES_MS[0]
+
+    def counts(label: str, ends) -> dict:
+        return {"policy": label, "false_cuts": sum(1 for p in pauses if p["where"] == "pause" and ends(p)),
+                "pauses": sum(1 for p in pauses if p["where"] == "pause"),
+                "missed_ends": sum(1 for p in pauses if p["where"] == "end" and not ends(p)),
+                "turn_ends": sum(1 for p in pauses if p["where"] == "end")}
+
+    rows = []
+    for threshold in (0.5, 0.7, 0.9):
+        rows.append(counts(f"model alone, {threshold:g} at {first} ms", lambda p, t=threshold: p["p"].get(first, 0) >= t))
+        rows.append(counts(f"model {threshold:g} at {first} ms + text", lambda p, t=threshold: p["p"].get(first, 0) >= t
+                           and p["unfinished"] is None))
+    falling = list(zip(OFFLINE_PAUSES_MS, (0.5, 0.4, 0.3)))
+    label = ", ".join(f"{t:g} at {ms} ms" for ms, t in falling)
+    rows.append(counts(f"asked again, falling: {label}", lambda p: any(p["p"].get(ms, -1) >= t for ms, t in falling)))
+    rows.append(counts(f"asked again, falling: {label}; + text", lambda p: any(p["p"].get(ms, -1) >= t for ms, t in falling)
+                       and p["unfinished"] is None))
+    for r in rows:
+        print(f"{r['policy']}: false cuts {r['false_cuts']} of {r['pauses']} mid-sentence pauses "
+              f"({r['false_cuts'] / max(1, r['pauses']):.1%}), missed ends {r['missed_ends']} of {r['turn_ends']}")
+    return {"date": now_utc(), "code": code_version(), "pauses": pauses, "policies": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES),
@@ -454,8 +560,17 @@ def main() -> int:
     parser.add_argument("--files", nargs="+", default=None,
                         help="fixtures to call (default: the caller files, the flite conversation, every paused one)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--offline", action="store_true",
+                        help="no gateways: every pause's model answers and transcript, policies counted offline "
+                             "(writes bench/results/turn_offline.json)")
     args = parser.parse_args()
     command = " ".join([".venv/bin/python bench/turn_latency.py", *sys.argv[1:]])
+    if args.offline:
+        found = offline(list(args.files) if args.files else FILES + paused_files())
+        if not args.no_write:
+            (BENCH / "results" / "turn_offline.json").write_text(json.dumps({"command": command, **found}, indent=1),
+                                                                 encoding="utf-8")
+        return 0
 
     configs = [(name, dict(POLICIES[name])) for name in args.policies] + [parse_variant(v) for v in args.variant]
     if not configs:
@@ -517,8 +632,10 @@ def main() -> int:
                 f"| {_fmt(s['asr_p50'])} | {_fmt(s['stage_publish'])} | **{_fmt(s['p50'])}** "
                 f"| {_fmt(round(s['stage_transport'], 1) + 0.0, 1)} |")
             if semantic:
+                u = s["text_unfinished"]
                 ask_lines.append(f"| {name} | {calls} | {s['asks']} | {_asks_cell(s['asks_end'], threshold)} "
-                                 f"| {_asks_cell(s['asks_pause'], threshold)} | {_asks_cell(s['asks_other'], threshold)} |")
+                                 f"| {_asks_cell(s['asks_pause'], threshold)} | {_asks_cell(s['asks_other'], threshold)} "
+                                 f"| {u['end']} / {u['pause']} / {u['other']} | {s['text_ended']} |")
 
     verdicts = []
     names = [r["variant"] for r in results]
@@ -603,10 +720,13 @@ buffer, the chunk filling: what happens before the gateway stamps the chunk's ar
 {chr(10).join(stage_lines)}
 
 The model's answers (every ask, from the debug log), by where in the fixture the answer came: after a true turn's
-end, in a mid-sentence pause ({MID_SENTENCE_PAUSE_MS} ms or more), elsewhere (short dips inside a turn):
+end, in a mid-sentence pause ({MID_SENTENCE_PAUSE_MS} ms or more), elsewhere (short dips inside a turn). With
+`semantic_text` (the default) the speculative final's text is read too (gateway/media/endofturn_text.py): the
+last two columns count the pauses whose text read as unfinished (which keeps the turn open whatever the model said)
+and the turns the text ended (the model had said complete before the text was in):
 
-| policy | calls | asks | at turn ends | in mid-sentence pauses | elsewhere |
-|---|---|---:|---|---|---|
+| policy | calls | asks | at turn ends | in mid-sentence pauses | elsewhere | text read unfinished: at turn ends / in pauses / elsewhere | ended when the text came |
+|---|---|---:|---|---|---|---|---:|
 {chr(10).join(ask_lines)}
 
 {chr(10).join('- ' + v for v in verdicts)}

@@ -8,9 +8,11 @@ release the GIL), so packet handling never waits behind a model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
+import signal
 import socket
 import time
 import uuid
@@ -25,7 +27,8 @@ from .asr.factory import build_transcriber
 from .asr.interface import Transcriber, TranscriptionResult
 from .call import Call
 from .config import Settings, mask_url
-from .dialplan import Dialplan, Route, load_dialplan
+from .dialplan import Dialplan, DialplanError, Route, load_dialplan
+from .dialplan_watch import DialplanSource, ReloadResult
 from .events import SIP_KINDS, TURN_FINAL, Source
 from .http import HttpServer, build_app
 from .identity import identity
@@ -35,6 +38,7 @@ from .metrics import Metrics
 from .presence import Heartbeat, default_instance_id, read_presence
 from .publisher import Publisher
 from .spool import spool_file_for
+from .output.recording import RecordingWriter
 from .session import LegSpec, SessionHost
 from .rtp.receiver import RtpReceiver
 from .rtp.transport import NoFreePortError, RtpPortAllocator, open_rtp_socket
@@ -44,6 +48,8 @@ from .sip.events import (
     CallEnded,
     IncomingCall,
     MalformedMessage,
+    ReferNotify,
+    ReferResponse,
     ReInvite,
     ReInviteAck,
     SessionRefreshed,
@@ -81,6 +87,7 @@ def turn_config(settings: Settings) -> TurnConfig:
         semantic_min_silence_ms=settings.semantic_min_silence_ms,
         semantic_max_silence_ms=settings.semantic_max_silence_ms,
         semantic_threshold=settings.semantic_threshold,
+        semantic_text=settings.semantic_text,
     )
 
 
@@ -171,6 +178,61 @@ def partials_enabled(settings: Settings) -> bool:
     return settings.asr_partials and (settings.asr_backend != "openai" or settings.asr_openai_partials)
 
 
+def dialplan_path(settings: Settings) -> str | None:
+    """The file the dialplan comes from (and is reloaded from); None: every call accepted."""
+    if settings.dialplan:
+        return settings.dialplan
+    return "dialplans/default.yaml" if Path("dialplans/default.yaml").is_file() else None
+
+
+def served_models(settings: Settings) -> frozenset[str]:
+    """The model names a dialplan profile may ask for: the one model this gateway transcribes with."""
+    if settings.asr_backend == "openai":
+        return frozenset({settings.asr_openai_model})
+    return frozenset({settings.asr_model})
+
+
+def call_partials(settings: Settings, route: Route) -> bool:
+    """A profile's ``partials`` overrides ``asr_partials``; over HTTP still only with asr_openai_partials."""
+    wanted = settings.asr_partials if route.partials is None else route.partials
+    return wanted and (settings.asr_backend != "openai" or settings.asr_openai_partials)
+
+
+def call_turn_config(settings: Settings, route: Route) -> TurnConfig:
+    """The turn settings of a call on ``route``: the gateway's, with the profile's silence
+    threshold and partial interval. A shorter silence than ``speculative_ms`` pulls the
+    speculative final in (to one VAD chunk before the end, not under ``pad_after_ms``);
+    ValueError when the threshold cannot hold ``pad_after_ms`` (validate_dialplan refuses it)."""
+    base = turn_config(settings)
+    changes: dict[str, Any] = {}
+    if route.silence_ms is not None:
+        changes["silence_ms"] = route.silence_ms
+        if base.speculative_ms >= route.silence_ms:
+            changes["speculative_ms"] = max(base.pad_after_ms, route.silence_ms - 32)
+    if not call_partials(settings, route):
+        changes["partial_interval_ms"] = 0
+    elif route.partial_interval_ms is not None:
+        changes["partial_interval_ms"] = route.partial_interval_ms
+    elif base.partial_interval_ms == 0:  # partials switched on by the profile, off in the settings
+        changes["partial_interval_ms"] = settings.partial_interval_ms
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def validate_dialplan(settings: Settings, plan: Dialplan, *, models: bool = True) -> None:
+    """What only the gateway can check of a plan: its models, and its profiles' turn settings."""
+    if models:
+        plan.check_models(served_models(settings))
+    for rule in plan.rules:
+        if rule.route.action != "transcribe":
+            continue
+        try:
+            call_turn_config(settings, rule.route)
+        except ValueError as exc:
+            line = rule.line or 1
+            raise DialplanError(f"{plan.source} line {line}: rule {rule.name!r}: {exc}", path=plan.source,
+                                line=line, detail=f"rule {rule.name!r}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class _Media:
     """What the receiver needs to know about the negotiated audio stream."""
@@ -204,7 +266,11 @@ class Gateway:
         self.transcriber = transcriber
         self.instance_id = settings.instance_id or default_instance_id()
         self.started_at = time.time()
-        self.dialplan = dialplan if dialplan is not None else default_dialplan(settings)
+        # the plan in force for new calls (reloaded on SIGHUP and file change: gateway/dialplan_watch.py)
+        self.dialplan_source = self._dialplan_source(dialplan)
+        self.dialplan = self.dialplan_source.plan
+        self._limit_calls: dict[str, set[str]] = {}  # Route.limit_key -> dialog ids (a profile's max_calls)
+        self._sighup_loop: asyncio.AbstractEventLoop | None = None  # where reload_on_sighup installed its handler
         self.calls: dict[str, Call] = {}
         self._setting_up: dict[str, bool] = {}  # dialog id -> cancelled?
         self._ending: dict[str, asyncio.Task[None]] = {}
@@ -254,6 +320,8 @@ class Gateway:
         self.sessions: SessionHost | None = None  # non-SIP sessions (streaming APIs, uploads)
         self.api: Any = None
         self.end_of_turn = EndOfTurnModel()  # the semantic turn policy's model (loaded when needed)
+        self.control: Any = None  # the call-control stream's reader (gateway/callcontrol.py)
+        self.recordings: RecordingWriter | None = None  # call recordings (recordings_dir set)
 
     # -- life cycle
     async def start(self) -> None:
@@ -269,12 +337,22 @@ class Gateway:
         self.vad_runner = BatchedVadRunner(self.vad)
         self.vad_runner.on_tick = self._on_vad_tick
         self._spawn(self.vad_runner.run())
+        self.metrics.dialplan_version.labels(self.dialplan.version).set(1)
+        log.info("dialplan %s: version %s in force: %s", self.dialplan_source.path or "<built-in>",
+                 self.dialplan.version, self.dialplan.summary())
+        if self.dialplan_source.path is not None and s.dialplan_poll_s > 0:
+            self._spawn(self._watch_dialplan(s.dialplan_poll_s))
         if s.turn_detection == "semantic":
             await self.end_of_turn.start()
+        if s.recordings_dir:  # docs/recordings.md; the start sweep runs here, then hourly in its thread
+            self.recordings = RecordingWriter(s.recordings_dir, retention_days=s.recording_retention_days,
+                                              on_failure=lambda reason: self.metrics.recording_failures.labels(reason).inc())
+            await asyncio.to_thread(self.recordings.start)
         self.sessions = SessionHost(s, vad_runner=self.vad_runner, transcriber=self.transcriber,
                                     publish=self.publisher.publish, capacity=self._free_slots,
                                     on_final=self._on_final, turn_config=turn_config(s),
-                                    partials=partials_enabled(s), end_of_turn=self.end_of_turn)
+                                    partials=partials_enabled(s), end_of_turn=self.end_of_turn,
+                                    recordings=self.recordings)
         await self.publisher.start()
         if s.persist:
             await self._start_persister()
@@ -303,6 +381,11 @@ class Gateway:
         await self.http.start()
         self._spawn(self._poll_loop())
         await self._start_presence()
+        if s.call_control:
+            from .callcontrol import CallControl
+
+            self.control = CallControl(self)
+            await self.control.start()
         log.info("Earshot listening: SIP %s:%d (%s)%s, HTTP http://%s:%d, Redis %s",
                  s.sip_host, self.sip_port, "/".join(t for t, on in (("udp", s.sip_udp), ("tcp", s.sip_tcp)) if on),
                  f", SIP over TLS on {self.sip.tls_port}" if self.tls is not None else "",
@@ -363,6 +446,54 @@ class Gateway:
     def sip_port(self) -> int:
         return self.sip.udp_port if self.settings.sip_udp else self.sip.tcp_port
 
+    # -- the dialplan (docs/dialplan.md)
+    def _dialplan_source(self, given: Dialplan | None) -> DialplanSource:
+        """A plan given in code is watched if it came from a file; otherwise the configured file."""
+        s = self.settings
+
+        def validate(plan: Dialplan) -> None:
+            validate_dialplan(s, plan)
+
+        if given is not None:
+            validate(given)
+            path = given.source if Path(given.source).is_file() else None
+            return DialplanSource(given, path, validate, self._on_dialplan)
+        path = dialplan_path(s)
+        if path is None:
+            return DialplanSource(Dialplan.accept_all(), None, validate, self._on_dialplan)
+        return DialplanSource.from_file(path, validate, self._on_dialplan)
+
+    def reload_dialplan(self, reason: str = "SIGHUP") -> ReloadResult:
+        """Load the dialplan file again (SIGHUP, file change). New calls get the new plan; active
+        calls keep the route they started with; a bad file is refused and the old plan stays."""
+        result = self.dialplan_source.reload(reason)
+        self.dialplan = self.dialplan_source.plan
+        return result
+
+    def reload_on_sighup(self) -> None:
+        """SIGHUP reloads the dialplan (``earshot run`` asks for it; close() takes the handler away)."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload_dialplan, "SIGHUP")
+        self._sighup_loop = loop
+
+    async def _watch_dialplan(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if self.dialplan_source.changed():
+                    self.reload_dialplan("file changed")
+            except Exception:  # the watcher must outlive any one bad read
+                log.exception("dialplan watch failed")
+
+    def _on_dialplan(self, result: ReloadResult) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is None:  # the first load, before the metrics exist: start() reports it
+            return
+        metrics.dialplan_reloads.labels("ok" if result.ok else "refused").inc()
+        if result.ok:
+            metrics.dialplan_version.clear()
+            metrics.dialplan_version.labels(result.version).set(1)
+
     async def drain(self, timeout: float | None = None) -> None:
         """Stop taking calls (503), let active ones finish, then end the rest cleanly."""
         timeout = self.settings.drain_timeout_s if timeout is None else timeout
@@ -392,8 +523,13 @@ class Gateway:
         return self.settings.max_calls - len(self.calls) - len(self._setting_up) - self._api_sessions()
 
     async def close(self) -> None:
+        if self._sighup_loop is not None:
+            self._sighup_loop.remove_signal_handler(signal.SIGHUP)
+            self._sighup_loop = None
         if not self.draining:
             await self.drain(0)
+        if self.control is not None:
+            await self.control.close()
         await self.sip.close()
         for task in list(self._tasks):
             task.cancel()
@@ -410,6 +546,8 @@ class Gateway:
             await self.dashboard.close()
         if self.transcriber is not None:
             await self.transcriber.close()
+        if self.recordings is not None:
+            await asyncio.to_thread(self.recordings.close)
         if self.heartbeat is not None:
             await self.heartbeat.close()
         if self._presence_client is not None:
@@ -434,6 +572,8 @@ class Gateway:
             if call is not None:
                 self.end_call(call, "cancelled")
         elif isinstance(event, CallEnded):
+            if self.control is not None:
+                self.control.call_ended(event.dialog_id)
             if event.dialog_id in self._setting_up:
                 self._setting_up[event.dialog_id] = True
             call = self.calls.get(event.dialog_id)
@@ -446,6 +586,9 @@ class Gateway:
             if call is not None:  # RFC 4028: the caller refreshes; no refresh by then ends the call
                 call.session_expires_at = (session_timer.bye_at(time.monotonic(), session_timer.SessionTimer(
                     event.interval)) if event.interval else None)
+        elif isinstance(event, (ReferResponse, ReferNotify)):
+            if self.control is not None:  # a transfer's progress (gateway/callcontrol.py)
+                self.control.on_sip_event(event)
         elif isinstance(event, MalformedMessage):
             log.debug("malformed SIP from %s: %s", event.peer, event.reason)
 
@@ -477,6 +620,9 @@ class Gateway:
         finally:
             if event.dialog_id not in self.calls and event.trunk is not None:
                 self._trunk_calls.get(event.trunk.name, set()).discard(event.dialog_id)
+            if event.dialog_id not in self.calls:
+                for taken in self._limit_calls.values():
+                    taken.discard(event.dialog_id)
 
     async def _incoming(self, event: IncomingCall) -> None:
         s = self.settings
@@ -500,10 +646,25 @@ class Gateway:
         to_uri, to_user = _party(request, "To")
         # caller-controlled: cleaned once here (gateway/identity.py), before the dialplan, events and logs see them
         from_uri, from_user, to_uri, to_user = map(identity, (from_uri, from_user, to_uri, to_user))
+        # the route is this call's for good: a reload from here on changes nothing for it
         route = self.dialplan.route(to_uri=to_uri, from_uri=from_uri, to_user=to_user, from_user=from_user,
-                                    source=event.peer.host, trunk=trunk.name if trunk is not None else "")
+                                    source=event.peer.host, trunk=trunk.name if trunk is not None else "",
+                                    ruri_user=identity(_uri_user(request.uri)), siprec=event.siprec,
+                                    headers=request.headers)
         if route.action == "reject":
             self._reject(dialog_id, route.status, route.reason, outcome="dialplan")
+            return
+        if route.max_calls is not None:
+            limited = self._limit_calls.setdefault(route.limit_key, set())
+            if len(limited) >= route.max_calls:
+                self._reject(dialog_id, 503, "Service Unavailable - Profile Call Limit Reached", retry_after,
+                             "overload")
+                return
+            limited.add(dialog_id)
+        if event.siprec:  # a SIPREC recording call: one leg per recorded stream (gateway/srs.py)
+            from . import srs
+
+            await srs.answer(self, event, route, trunk, from_uri, to_uri)
             return
         local_host = self.ua.local_host_for(request)
         session_id = random.randrange(1, 2**31)
@@ -575,7 +736,7 @@ class Gateway:
             "codec": media.codec,
             "local_media_port": rtp_socket.port,
             "transport": event.peer.transport,
-            "dialplan_rule": route.rule,
+            **route.started_fields,  # dialplan_rule, dialplan_version, dialplan_profile
             "trunk": trunk.name if trunk is not None else "",
         }
         if offer is not None:
@@ -585,7 +746,8 @@ class Gateway:
             Source("sip", (("call_id", sip_call_id), ("transport", event.peer.transport))), [LegSpec(route.leg)],
             session_id=call.call_id, sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri,
             language=call.language, tags=route.tags, started=started, origin_ms=call.origin_ms, admit=False,
-            redact=route.redact)
+            redact=route.redact, turn_config=call_turn_config(s, route), partials=call_partials(s, route),
+            record=route.record)
 
     def _make_call(self, event: IncomingCall, route: Route, media: "_Media", port: int,
                    session_id: int, from_uri: str, to_uri: str) -> Call:
@@ -610,7 +772,7 @@ class Gateway:
             local_port=port,
             codec=media.codec,
             session_id=session_id,
-            language=route.language or s.asr_language or None,
+            language=None if route.language == "auto" else route.language or s.asr_language or None,
             on_hold=media.on_hold,
             held_since=time.monotonic() if media.on_hold else None,
             clock=time.monotonic,
@@ -649,6 +811,11 @@ class Gateway:
         if call is None or call.ending:
             self.ua.reject_reinvite(event.dialog_id, 481, now)
             self.sip.flush()
+            return
+        if call.siprec:  # new metadata, a new or paused stream (gateway/srs.py)
+            from . import srs
+
+            self._spawn(srs.reinvite(self, call, event))
             return
         local_host = self.ua.local_host_for(event.request)
         if not event.offer.strip():  # offerless re-INVITE: offer in our 200, answer in the ACK
@@ -692,10 +859,10 @@ class Gateway:
 
     async def _finish_call(self, call: Call, reason: str) -> None:
         try:
-            if call.socket is not None:
-                call.socket.close()
+            for rtp_socket in call.sockets():
+                rtp_socket.close()
             call.flush_media(time.monotonic())
-            stats = call.receiver.stats
+            stats = call.rtp_stats()  # a SIPREC call's streams summed
             for name in RTP_TOTALS:
                 self._ended_rtp[name] = self._ended_rtp.get(name, 0) + getattr(stats, name)
             _add_srtp_totals(self._ended_rtp, call)
@@ -713,10 +880,12 @@ class Gateway:
         except Exception:
             log.exception("error while ending call %s", call.call_id)
         finally:
-            if call.socket is not None:
-                call.socket.close()  # idempotent; returns the port to the allocator
+            for rtp_socket in call.sockets():
+                rtp_socket.close()  # idempotent; returns the port to the allocator
             self.calls.pop(call.dialog_id, None)
             for taken in self._trunk_calls.values():
+                taken.discard(call.dialog_id)
+            for taken in self._limit_calls.values():
                 taken.discard(call.dialog_id)
 
     # -- periodic work
@@ -762,7 +931,7 @@ class Gateway:
     def _snapshot(self) -> dict[str, float]:
         totals = dict(self._ended_rtp)
         for call in self.calls.values():
-            stats = call.receiver.stats
+            stats = call.rtp_stats()
             for name in RTP_TOTALS:
                 totals[name] = totals.get(name, 0) + getattr(stats, name)
             _add_srtp_totals(totals, call)
@@ -875,6 +1044,19 @@ def _apply_srtp(call: Call, keys: sdp.SrtpKeys | None) -> None:
     elif current is None or (current.suite.name, current.receive_key, current.send_key) != (
             keys.suite, keys.remote_key, keys.local_key):
         call.srtp = SrtpContext(keys.suite, receive_key=keys.remote_key, send_key=keys.local_key)
+
+
+def _uri_user(uri: str) -> str:
+    """The user part of a sip:/sips: URI, or a tel: URI's number; "" otherwise."""
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme == "tel":
+        return uri[4:].split(";", 1)[0]
+    if scheme not in ("sip", "sips"):
+        return ""
+    try:
+        return SipUri.parse(uri).user or ""
+    except ValueError:
+        return ""
 
 
 def _party(request: SipRequest, header: str) -> tuple[str, str]:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Callable
@@ -51,6 +52,8 @@ async def _run(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # SIGHUP: load the dialplan file again; active calls keep their routes, a bad file is refused
+    gateway.reload_on_sighup()
     try:
         await gateway.start()
     except OSError as exc:
@@ -64,6 +67,22 @@ async def _run(settings: Settings) -> int:
     await gateway.drain()
     await gateway.close()
     print("earshot: stopped", flush=True)
+    return 0
+
+
+def _dialplan_check(args: argparse.Namespace) -> int:
+    """``earshot dialplan check FILE``: what a reload would say of the file, before it is deployed."""
+    from .dialplan import load_dialplan
+
+    try:
+        plan = load_dialplan(args.file)
+        from .app import validate_dialplan  # the gateway's own checks: turn settings, and models with a config
+
+        validate_dialplan(_settings(args), plan, models=bool(args.config or os.environ.get("EARSHOT_CONFIG")))
+    except DialplanError as exc:
+        print(exc.located, file=sys.stderr)
+        return 1
+    print(f"OK {args.file}: {plan.summary()}")
     return 0
 
 
@@ -122,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sub.add_parser("config", help="validate the configuration and print the effective settings")
     cfg.add_argument("-c", "--config", help="YAML configuration file (also EARSHOT_CONFIG)")
 
+    dialplan = sub.add_parser("dialplan", help="dialplan tools (docs/dialplan.md)")
+    dialplan_sub = dialplan.add_subparsers(dest="dialplan_command", required=True)
+    check = dialplan_sub.add_parser("check", help="validate a dialplan file: OK and a summary, or FILE:LINE: error")
+    check.add_argument("file", help="the dialplan YAML file")
+    check.add_argument("-c", "--config", help="also check its profiles' models and turn settings against this "
+                       "configuration (YAML file; also EARSHOT_CONFIG)")
+
     store_commands.add_commands(sub)  # db, persist, users
 
     args = parser.parse_args(argv)
@@ -152,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         stream = settings.call_stream(args.call) if args.call else settings.events_stream
         return run_tail(settings.redis_url, stream, from_start=args.from_start, partials=args.partials,
                         as_json=args.json, count=args.count)
+    if args.command == "dialplan":
+        return _dialplan_check(args)
     if args.command == "config":
         settings = _settings(args)
         print(json.dumps(describe(settings), indent=2))

@@ -151,6 +151,7 @@ class Settings:
     semantic_min_silence_ms: int = 150  # a pause this long asks the model (and starts the speculative final)
     semantic_max_silence_ms: int = 1500  # a pause this long ends the turn whatever the model said
     semantic_threshold: float = 0.5  # P(complete) at or above ends the turn
+    semantic_text: bool = True  # a "complete" also needs the speculative final's text not to read as unfinished
     # SQL store (transcripts for the dashboard) and the persister that fills it
     database_url: str = "sqlite:///earshot.db"  # or postgresql+psycopg://user:password@host/dbname
     persist: bool = True  # run the persister inside `earshot run`
@@ -159,6 +160,8 @@ class Settings:
     persister_consumer: str = ""  # empty: <hostname>-<pid>
     persister_batch: int = 200  # events per read and per transaction
     persister_claim_idle_s: float = 60.0  # take over entries pending this long in a dead consumer
+    # consumers act on calls through <stream_prefix>:control (docs/consumers.md): transfer, hangup, pause, resume
+    call_control: bool = True
     # dashboard and JSON API, served by the HTTP server at /
     web_enabled: bool = True
     web_secret_key: str = ""  # signs session cookies; empty: generated once and kept in web_secret_file
@@ -168,6 +171,7 @@ class Settings:
     web_live_window_s: float = 14_400.0  # on start, rebuild the live board from this much of the event stream
     web_sse_queue: int = 256  # events buffered per SSE connection; a client further behind is disconnected
     web_stream_recheck_s: float = 10.0  # a live stream re-checks its login/token this often; logged out: it ends
+    web_assist: bool = True  # the live call view shows agent-assist suggestions from <stream_prefix>:assist
     # streaming and REST APIs (/v1/realtime, /v1/audio/*, /twilio/media, /v1/whip), served by the HTTP server
     api_enabled: bool = True
     api_auth: bool = True  # every API call needs an API token (Authorization: Bearer); false only for trusted networks
@@ -178,10 +182,15 @@ class Settings:
     # PCI redaction of transcripts before any sink: Redis, SQL, APIs, logs (docs/redaction.md)
     redact: str = "pci"  # pci: card numbers, CVV, expiry and SSNs become [REDACTED:...]; off: a deliberate choice
     redact_hold_ms: int = 3000  # a final ending in digits that may start a card number waits this long for the next
+    # call recordings (docs/recordings.md): a WAV per call, a channel per leg, card details muted
+    recordings_dir: str = ""  # where recordings go; empty: no recordings (a call asked to record says so in call.ended)
+    record: bool = False  # record every call; a dialplan rule or profile's record: true|false decides per call
+    recording_retention_days: int = 90  # recordings older than this are removed (at start and hourly); 0: kept
     # process
     event_loop: str = "auto"  # auto: uvloop if installed, else asyncio; or "asyncio" / "uvloop"
     # routing and logging
     dialplan: str = ""  # path; empty: dialplans/default.yaml if present, else accept every call
+    dialplan_poll_s: float = 2.0  # how often the dialplan file is checked for changes (reloaded); 0: SIGHUP only
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -290,6 +299,8 @@ class Settings:
         _check(self.web_sse_queue >= 8, "web_sse_queue", "must be at least 8")
         # PCI redaction
         _check(self.redact in ("pci", "off"), "redact", "must be pci (redact card numbers, the default) or off")
+        _check(not self.record or bool(self.recordings_dir), "recordings_dir",
+               "required when record is true (the directory recordings are written to)")
         if self.asr_window not in ("auto", "short"):
             try:
                 ok = 1.0 <= float(self.asr_window) <= 30.0
@@ -314,6 +325,7 @@ class Settings:
 # The allowed range (inclusive) of every number setting. validate() refuses NaN, infinities
 # and anything outside, naming the field; a number setting missing here fails at import.
 RANGES: dict[str, tuple[float, float]] = {
+    "dialplan_poll_s": (0, 3600),
     "sip_port": (1, 65535),
     "sip_tcp_idle_s": (0, 86_400),
     "sip_tls_port": (0, 65535),
@@ -386,6 +398,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "web_sse_queue": (8, 100_000),
     "web_stream_recheck_s": (0.1, 300),
     "redact_hold_ms": (0, 10_000),
+    "recording_retention_days": (0, 36_500),
     "api_sessions_per_token": (1, 100_000),
     "api_max_upload_mb": (1, 10_000),
 }

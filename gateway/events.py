@@ -53,6 +53,9 @@ SOURCE_IDS: dict[str, tuple[str, ...]] = {
 }
 
 MAX_INT = 2**31 - 1  # what the SQL store's INTEGER columns hold
+MAX_OBJECTS = 64  # entries of a list of objects (participants of a SIPREC call)
+#: what a SIPREC participant is to the contact center (docs/siprec.md)
+ROLES = ("customer", "agent", "unknown")
 
 
 class EventError(ValueError):
@@ -138,6 +141,11 @@ def object_field(cls: type, **kw: Any) -> Any:
     return _spec("nested", arg=cls, **kw)
 
 
+def objects_field(cls: type, **kw: Any) -> Any:
+    """A list of nested objects (``participants`` of call.started)."""
+    return _spec("objects", arg=cls, default=(), **kw)
+
+
 class Payload:
     """Base of the typed parts of events: decoding, validation and the wire form, from the field specs."""
 
@@ -175,6 +183,13 @@ class Payload:
             elif check == "nested":
                 values[f.name] = value if isinstance(value, meta["arg"]) else \
                     meta["arg"].from_wire(value, prefix=name + ".", strict=strict)
+            elif check == "objects":
+                if not isinstance(value, (list, tuple)) or len(value) > MAX_OBJECTS:
+                    raise EventError(f"{name}: expected a list of at most {MAX_OBJECTS} objects, got {value!r:.60}")
+                values[f.name] = tuple(
+                    item if isinstance(item, meta["arg"]) else
+                    meta["arg"].from_wire(item, prefix=f"{name}[{i}].", strict=strict)
+                    for i, item in enumerate(value))
         if strict:
             known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
             unknown = sorted(str(k) for k in body if k not in known)
@@ -192,7 +207,7 @@ class Payload:
             if isinstance(value, Payload):
                 value = value.to_wire()
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [v.to_wire() if isinstance(v, Payload) else v for v in value]
             out[f.name] = value
         return out
 
@@ -202,7 +217,7 @@ class Payload:
         names: set[str] = set()
         for f in fields(cls):  # type: ignore[arg-type]
             names.add(prefix + f.name)
-            if f.metadata["check"] == "nested":
+            if f.metadata["check"] in ("nested", "objects"):
                 names |= f.metadata["arg"].field_names(prefix + f.name + ".")
         return names
 
@@ -242,6 +257,17 @@ class RtpStats(Payload):
     malformed: int | None = int_field()
 
 
+@dataclass(frozen=True)
+class Participant(Payload):
+    """A party of a SIPREC recording (RFC 7865 metadata) and the leg that carries its voice."""
+
+    leg: str | None = text_field(64)
+    role: str | None = text_field(16)
+    name: str | None = text_field(256)
+    number: str | None = text_field(64)
+    aor: str | None = text_field(512)
+
+
 # -- one payload per event type
 
 
@@ -254,9 +280,12 @@ class CallStarted(Payload):
     local_media_port: int | None = int_field()
     transport: str | None = text_field(8)
     dialplan_rule: str | None = text_field(256)
+    dialplan_profile: str | None = text_field(64)  # the profile the rule selected; absent without one
+    dialplan_version: str | None = text_field(64)  # the dialplan version that routed the call (docs/dialplan.md)
     trunk: str | None = text_field(64)
     language: str | None = text_field(16, null=True)
     legs: tuple[str, ...] = strings_field(64)
+    participants: tuple[Participant, ...] = objects_field(Participant)
 
 
 @dataclass(frozen=True)
@@ -272,6 +301,9 @@ class TurnPartial(Payload):
     confidence: Confidence | None = object_field(Confidence)
     asr: AsrInfo | None = object_field(AsrInfo)
     redactions: int | None = int_field()  # spans replaced by PCI redaction (gateway/output/redact.py)
+    role: str | None = text_field(16)  # SIPREC: the leg's participant (docs/siprec.md)
+    participant: str | None = text_field(256)
+    number: str | None = text_field(64)
 
 
 @dataclass(frozen=True)
@@ -290,6 +322,9 @@ class TurnFinal(Payload):
     latency_ms: float | None = number_field()  # set by the publisher when Redis accepts the event
     error: str | None = text_field(32)
     redactions: int | None = int_field()  # spans replaced by PCI redaction (gateway/output/redact.py)
+    role: str | None = text_field(16)  # SIPREC: the leg's participant (docs/siprec.md)
+    participant: str | None = text_field(256)
+    number: str | None = text_field(64)
 
 
 @dataclass(frozen=True)
@@ -300,6 +335,9 @@ class Dtmf(Payload):
     duration_ms: int | None = int_field()
     offset_ms: int | None = int_field()
     redactions: int | None = int_field()  # 1: the digit was masked as * (a card context was active)
+    role: str | None = text_field(16)  # SIPREC: the leg's participant (docs/siprec.md)
+    participant: str | None = text_field(256)
+    number: str | None = text_field(64)
 
 
 @dataclass(frozen=True)
@@ -311,6 +349,12 @@ class CallEnded(Payload):
     turns: int | None = int_field()
     dtmf: int | None = int_field()
     rtp: RtpStats | None = object_field(RtpStats)
+    # the call's recording (docs/recordings.md): path relative to recordings_dir, its length and size;
+    # recording_error when one was asked for and there is none (queue-full, disk-full, write-error, no-directory)
+    recording: str | None = text_field(256)
+    recording_duration_ms: int | None = int_field()
+    recording_bytes: int | None = int_field()
+    recording_error: str | None = text_field(32)
 
 
 EventPayload = Union[CallStarted, TurnPartial, TurnFinal, Dtmf, CallEnded]

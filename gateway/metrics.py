@@ -133,6 +133,14 @@ class Metrics:
             "earshot_vad_tick_seconds", "Time of one batched VAD inference",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.032, 0.05, 0.1), registry=self.registry)
         self.vad_batch = Gauge("earshot_vad_batch_size", "Streams in the last VAD batch", registry=self.registry)
+        # the dialplan in force (docs/dialplan.md): 1 on its version's label; reloads by result (ok, refused)
+        self.dialplan_version = Gauge("earshot_dialplan_version", "The dialplan version in force (label)",
+                                      ["version"], registry=self.registry)
+        self.dialplan_reloads = Counter("earshot_dialplan_reloads", "Dialplan reloads, by result", ["result"],
+                                        registry=self.registry)
+        # call recordings that failed (docs/recordings.md), by reason: queue-full, disk-full, write-error
+        self.recording_failures = Counter("earshot_recording_failures", "Call recordings given up, by reason",
+                                          ["reason"], registry=self.registry)
         self.turn_latency = Histogram(
             "earshot_turn_latency_seconds", "End of speech to turn.final written to Redis",
             buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -185,6 +185,7 @@ class _Batch:
             c.call_id: c for c in session.scalars(select(Call).where(Call.call_id.in_(call_ids)))}
         self.legs: set[tuple[str, str]] = {
             (row[0], row[1]) for row in session.execute(select(Leg.call_id, Leg.label).where(Leg.call_id.in_(call_ids)))}
+        self.leg_rows: dict[tuple[str, str], Leg] = {}  # legs whose speaker this batch set
         keys = {(e.call_id, e.event.leg or "", e.event.payload.turn) for e in events
                 if isinstance(e.event.payload, (TurnPartial, TurnFinal))}
         self.turns: dict[tuple[str, str, int], Turn] = {}
@@ -210,7 +211,7 @@ class _Batch:
                                        stream_id=item.stream_id, event_time=event.time, received_at=now,
                                        raw=item.body))
         if event.leg is not None:
-            self._leg(call.call_id, event.leg, now)
+            self._leg(call.call_id, event.leg, now, _speaker(payload))
         if isinstance(payload, CallStarted):
             self._started(call, payload, event.time, now)
         elif isinstance(payload, TurnPartial):
@@ -246,12 +247,23 @@ class _Batch:
             call.updated_at = now
         return call
 
-    def _leg(self, call_id: str, label: str, now: datetime) -> None:
+    def _leg(self, call_id: str, label: str, now: datetime,
+             speaker: tuple[str | None, str | None, str | None] | None = None) -> None:
+        """The leg's row; ``speaker``: (role, participant, number) of a SIPREC leg's event."""
         from .store.models import Leg
 
-        if (call_id, label) not in self.legs:
-            self.legs.add((call_id, label))
-            self.session.add(Leg(call_id=call_id, label=label, created_at=now))
+        key = (call_id, label)
+        if key not in self.legs:
+            self.legs.add(key)
+            row = Leg(call_id=call_id, label=label, created_at=now)
+            self.session.add(row)
+            self.leg_rows[key] = row
+        if speaker is None:
+            return
+        row = self.leg_rows.get(key) or self.session.get(Leg, key)
+        if row is not None and (row.role, row.participant, row.number) != speaker:
+            row.role, row.participant, row.number = speaker
+            self.leg_rows[key] = row
 
     def _started(self, call: Call, started: CallStarted, when: datetime, now: datetime) -> None:
         call.started_at = call.answered_at = when
@@ -260,9 +272,11 @@ class _Batch:
         call.remote_media = started.remote_media or None
         call.local_media_port = started.local_media_port
         call.dialplan_rule = started.dialplan_rule or None
+        call.dialplan_profile = started.dialplan_profile or None
         call.language = started.language or None
+        speakers = {p.leg: (p.role, p.name, p.number) for p in started.participants if p.leg}
         for label in started.legs:
-            self._leg(call.call_id, label, now)
+            self._leg(call.call_id, label, now, speakers.get(label))
 
     def _turn(self, call: Call, leg: str, payload: TurnPartial | TurnFinal, when: datetime) -> Turn:
         from .store.models import Turn
@@ -334,6 +348,10 @@ class _Batch:
         if ended.dtmf is not None:
             call.dtmf_count = ended.dtmf
         call.rtp_stats = ended.rtp.to_wire() if ended.rtp is not None else None
+        call.recording = ended.recording
+        call.recording_duration_ms = ended.recording_duration_ms
+        call.recording_bytes = ended.recording_bytes
+        call.recording_error = ended.recording_error
 
 
 def store_events(session: Session, events: list[StreamEvent], now: datetime | None = None) -> WriteResult:
@@ -736,3 +754,11 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
     if not reply:
         return []
     return [e for e in reply[0][1] if e[0] is not None]
+
+
+def _speaker(payload: object) -> tuple[str | None, str | None, str | None] | None:
+    """(role, participant, number) of a SIPREC leg's turn or dtmf event; None for other events."""
+    role = getattr(payload, "role", None)
+    if role is None:
+        return None
+    return role, getattr(payload, "participant", None), getattr(payload, "number", None)

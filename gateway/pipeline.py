@@ -247,6 +247,9 @@ class LegPipeline:
         self._finalised_through = -1  # highest detector turn whose final is decided
         self.turns_published = 0
         self.closed = False
+        # who speaks on this leg (SIPREC: role, participant, number; docs/siprec.md), added to every
+        # turn event; replaced, not mutated, when a metadata update changes the leg's participant
+        self.identity: dict[str, str] = {}
         self.wideband = wideband
         self._decimator = Decimator() if wideband else None
         keep = int((turn_config.max_turn_s + 10 + context_audio_s) * 2 * SAMPLE_RATE)
@@ -334,6 +337,12 @@ class LegPipeline:
                 self._cancel_speculation(event.turn)
                 self._finalised_through = max(self._finalised_through, event.turn)
                 self._observe(TurnDropped(self.leg, event.turn, "cleared"))
+
+    @property
+    def origin_ms(self) -> float:
+        """Where the leg's sample 0 sits in the session, in ms: what its events' start_ms count from
+        (the recording places the leg's audio there too)."""
+        return self._origin_ms()
 
     @property
     def uncommitted_ms(self) -> int:
@@ -428,6 +437,8 @@ class LegPipeline:
             self._cancel_speculation(event.turn)
             task = asyncio.create_task(self._transcribe(event, "final", after=self._final_chain))
             self._speculations[event.turn] = _Speculation(event.start_sample, event.end_sample, task)
+            # semantic policy: the detector reads the speculative text too (docs/turns.md)
+            task.add_done_callback(lambda done, ending=event: self._speculation_heard(ending, done))
         elif isinstance(event, TurnResumed):
             self._cancel_speculation(event.turn)
         elif isinstance(event, EndOfTurnQuery):
@@ -474,6 +485,19 @@ class LegPipeline:
             return
         log.debug("%s turn %d: P(complete) %.3f%s", self.key, event.turn, probability,
                   ", ends it" if events else "")
+        for turn_event in events:
+            self._handle(turn_event)
+
+    def _speculation_heard(self, event: TurnEnding, task: asyncio.Task[TranscriptionResult]) -> None:
+        """A speculative final's transcript is in: the semantic policy's second signal."""
+        if self.closed or task.cancelled() or not self._detector.awaits_text(event.turn, event.end_sample):
+            return
+        result = None if task.exception() is not None else task.result()
+        events = self._detector.transcript(event.turn, event.end_sample, None if result is None else result.text)
+        reason = self._detector.text_unfinished
+        if events or reason:
+            log.debug("%s turn %d: text %s", self.key, event.turn,
+                      "ends it" if events else f"reads unfinished ({reason}), keeps it open")
         for turn_event in events:
             self._handle(turn_event)
 
@@ -585,7 +609,8 @@ class LegPipeline:
         data = pending.data
         if release is not None:
             data = {**data, "text": release.text, "redactions": release.count}
-        final = self._events.make(TURN_FINAL, data, leg=self.leg, speech_end_monotonic=pending.speech_end)
+        final = self._events.make(TURN_FINAL, {**data, **self.identity}, leg=self.leg,
+                                  speech_end_monotonic=pending.speech_end)
         self._publish(final)
         self.turns_published += 1
         self._observe(TurnPublished(self.leg, pending.turn, final))
@@ -649,7 +674,7 @@ class LegPipeline:
         if redactions is not None:
             data["redactions"] = redactions
         data.update(_result_fields(result))
-        partial = self._events.make(TURN_PARTIAL, data, leg=self.leg)
+        partial = self._events.make(TURN_PARTIAL, {**data, **self.identity}, leg=self.leg)
         self._publish(partial)
         self._observe(TurnPublished(self.leg, event.turn, partial))
 

@@ -42,8 +42,11 @@ __all__ = [
     "SessionDescription",
     "SrtpKeys",
     "SrtpNotAcceptable",
+    "RecordedStream",
+    "answer_recording",
     "build_offer",
     "negotiate",
+    "recorded_streams",
     "parse_crypto",
     "parse_sdp",
     "read_answer",
@@ -764,3 +767,108 @@ def read_answer(offer: SessionDescription, answer: SessionDescription) -> Negoti
     if secure:
         raise SrtpNotAcceptable("Answer has no RTP/SAVP audio stream for our SRTP offer")
     raise NoAcceptableCodec("Answer accepts none of our codecs")
+
+
+# ---------------------------------------------------------------------------
+# SIPREC (RFC 7866): one recorded stream per m-line
+
+
+@dataclass(frozen=True)
+class RecordedStream:
+    """One ``m=audio`` line of a SIPREC offer that Earshot records: the SRC sends each
+    party's audio ``sendonly`` on its own stream, told apart by ``a=label`` (which the
+    recording metadata's ``<stream>`` elements name).  ``index`` is the m-line's position."""
+
+    index: int
+    label: str
+    payload_type: int
+    codec: str
+    dtmf_payload_type: int | None
+    remote_host: str
+    remote_port: int
+    remote_direction: str
+    ptime_ms: int
+
+    @property
+    def paused(self) -> bool:
+        """RFC 7866 9.2: the SRC pauses a recording with ``a=inactive`` (or ``c=0.0.0.0``)."""
+        return self.remote_direction in ("inactive", "recvonly") or self.remote_host in ("0.0.0.0", "::")
+
+
+def _label(md: MediaDescription) -> str:
+    for name, value in md.attributes:
+        if name.lower() == "label" and value:
+            return value.strip()[:64]
+    return ""
+
+
+def recorded_streams(offer: SessionDescription, codecs: Sequence[str] = ("PCMU", "PCMA")) -> list[RecordedStream]:
+    """The audio streams of a SIPREC offer Earshot can record, in m-line order.
+
+    Every RTP/AVP(F) ``m=audio`` with a port and a G.711 codec counts, with its own
+    connection (media-level ``c=`` wins over the session's, as Sonus/Ribbon SRCs send it)
+    and its own codec, in the offerer's order.  Other lines (video, SRTP, port 0) are
+    left out: :func:`answer_recording` rejects them with port 0.  Raises
+    :class:`NoAcceptableCodec` when nothing can be recorded.  Labels are unique: a
+    repeated or missing ``a=label`` becomes ``stream<index>``.
+    """
+    wanted = {c.upper(): c for c in codecs}
+    out: list[RecordedStream] = []
+    seen: set[str] = set()
+    for index, md in enumerate(offer.media):
+        if md.media.lower() != "audio" or md.port == 0 or md.proto.upper() not in RTP_PROTOS:
+            continue
+        pick = _choose_codec(md, wanted)
+        if pick is None:
+            continue
+        connection = offer.connection_for(md)
+        if connection is None:
+            raise SdpError(f"Missing c= line for audio stream {index + 1}")
+        label = _label(md)
+        if not label or label in seen:
+            label = f"stream{index + 1}"
+        seen.add(label)
+        pt, codec, _encoding = pick
+        out.append(RecordedStream(index, label, pt, codec, _dtmf_payload(md), connection.host, md.port,
+                                  offer.direction_of(md), md.ptime or 20))
+    if not out:
+        if not any(md.media.lower() == "audio" for md in offer.media):
+            raise NoAcceptableCodec("No audio stream offered")
+        raise NoAcceptableCodec(f"No recordable audio stream offered (RTP/AVP with {', '.join(codecs)})")
+    return out
+
+
+def answer_recording(offer: SessionDescription, streams: Sequence[RecordedStream], ports: dict[int, int], *,
+                     local_host: str, session_id: int, session_version: int) -> SessionDescription:
+    """Our answer to a SIPREC offer: each recorded stream (``ports``: m-line index -> our
+    RTP port for it) ``recvonly`` (``inactive`` when the SRC paused it) on its own port,
+    its ``a=label`` kept so the SRC can tell the streams apart; every other m-line
+    rejected with port 0 (RFC 3264 6)."""
+    by_index = {stream.index: stream for stream in streams}
+    media: list[MediaDescription] = []
+    for index, other in enumerate(offer.media):
+        stream = by_index.get(index)
+        if stream is None or index not in ports:
+            media.append(MediaDescription(other.media, 0, other.proto, list(other.formats) or ["0"]))
+            continue
+        md = offer.media[index]
+        encoding = md.encoding_of(stream.payload_type)
+        assert encoding is not None  # recorded_streams chose it
+        formats = [str(stream.payload_type)]
+        audio = MediaDescription("audio", ports[index], md.proto, formats)
+        audio.rtpmap[stream.payload_type] = RtpMap(encoding.encoding, encoding.clock_rate, encoding.channels)
+        if stream.dtmf_payload_type is not None:
+            formats.append(str(stream.dtmf_payload_type))
+            audio.rtpmap[stream.dtmf_payload_type] = RtpMap("telephone-event", 8000)
+            audio.fmtp[stream.dtmf_payload_type] = md.fmtp.get(stream.dtmf_payload_type, "0-15")
+        audio.ptime = md.ptime
+        audio.direction = "inactive" if stream.paused else _answer_direction(stream.remote_direction)
+        audio.attributes.append(("label", _label(md) or stream.label))
+        media.append(audio)
+    addrtype = _addrtype(local_host)
+    return SessionDescription(
+        origin=Origin("earshot", str(session_id), str(session_version), "IN", addrtype, local_host),
+        session_name="Earshot",
+        connection=Connection("IN", addrtype, local_host),
+        media=media,
+    )

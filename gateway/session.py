@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .events import CALL_ENDED, CALL_STARTED, DTMF, CallInfo, Event, EventError, EventFactory, Source
+from .events import CALL_ENDED, CALL_STARTED, DTMF, TURN_FINAL, CallInfo, Event, EventError, EventFactory, Source
 from .media.turn import TurnConfig
+from .output.recording import Recording, RecordingResult, RecordingWriter
 from .output.redact import CardContext, Redactor
 from .pipeline import EndOfTurn, LegObservation, LegPipeline
 
@@ -53,6 +54,8 @@ class LegSpec:
     name: str
     wideband: bool = False
     manual_turns: bool = False
+    origin_ms: Callable[[], float] | None = None  # this leg's sample 0 in the session; None: the session's
+    identity: dict[str, str] = field(default_factory=dict)  # SIPREC: role, participant, number on its events
 
 
 @dataclass
@@ -71,7 +74,13 @@ class Session:
     redactors: dict[str, Redactor[Any]] = field(default_factory=dict)
     ended: bool = False
     end_reason: str | None = None
+    transcription_paused: bool = False  # call control's pause (docs/consumers.md): audio in, no turns
     _ending: asyncio.Task[None] | None = None
+    # builds a leg with the session's options (set by SessionHost.open): what add_leg uses
+    _new_leg: Callable[[LegSpec, Callable[[], float] | None], LegPipeline] | None = None
+    # the call's WAV (docs/recordings.md): fed beside the legs, redacted spans muted at the end; None: off
+    recording: Recording | None = None
+    recording_error: str | None = None  # recording was asked for but could not start
 
     @property
     def source(self) -> Source:
@@ -84,12 +93,20 @@ class Session:
     def feed(self, leg: str, pcm: bytes, now: float) -> None:
         """16-bit 8 kHz PCM (decoded G.711) for a telephone-rate leg."""
         if not self.ended:
-            self.legs[leg].feed_audio(pcm, now)
+            # paused by call control (gateway/callcontrol.py): the VAD hears silence, so no turns,
+            # and the leg's timeline goes on as if transcribing
+            self.legs[leg].feed_audio(bytes(len(pcm)) if self.transcription_paused else pcm, now)
+            if self.recording is not None:  # paused: silence there too (pause-and-resume for payments)
+                self.recording.feed(leg, bytes(len(pcm)) if self.transcription_paused else pcm,
+                                    self.legs[leg].origin_ms)
 
     def feed_wideband(self, leg: str, pcm: np.ndarray, now: float) -> None:
         """16 kHz int16 samples for a wideband leg."""
         if not self.ended:
-            self.legs[leg].feed_wideband(pcm, now)
+            self.legs[leg].feed_wideband(np.zeros_like(pcm) if self.transcription_paused else pcm, now)
+            if self.recording is not None:
+                self.recording.feed(leg, np.zeros_like(pcm) if self.transcription_paused else pcm,
+                                    self.legs[leg].origin_ms, rate=16000)
 
     def commit(self, leg: str, now: float) -> int | None:
         return None if self.ended else self.legs[leg].commit(now)
@@ -111,7 +128,25 @@ class Session:
         masked = self.card_context.dtmf(digit, time.monotonic()) if self.card_context is not None else None
         if masked is not None:
             data.update(digit=masked, redactions=1)  # a key pressed while card details are being given
+        pipeline = self.legs.get(leg)
+        if pipeline is not None:
+            data.update(pipeline.identity)  # SIPREC: who pressed it
         self.publish(self.events.make(DTMF, data, leg=leg))
+
+    def add_leg(self, spec: LegSpec, origin_ms: Callable[[], float] | None = None) -> LegPipeline:
+        """A leg joining the open session (a SIPREC offer with a new stream), on the same
+        VAD, ASR and options as the first; ``origin_ms`` places its sample 0 in the session."""
+        if self.ended or self._new_leg is None:
+            raise ValueError(f"session {self.id} takes no new legs")
+        if spec.name in self.legs:
+            raise ValueError(f"session {self.id} already has a leg {spec.name!r}")
+        pipeline = self._new_leg(spec, origin_ms or spec.origin_ms)
+        pipeline.identity = dict(spec.identity)
+        self.legs[spec.name] = pipeline
+        if self.recording is not None:
+            self.recording.add_leg(spec.name)
+        self.host.vad_runner.register(pipeline)
+        return pipeline
 
     def redactor(self, leg: str) -> "Redactor[Any] | None":
         """The leg's redactor (a leg without a pipeline, as a REST upload's, gets one here); None: off."""
@@ -123,12 +158,25 @@ class Session:
 
     # -- events out
     def publish(self, event: Event) -> None:
+        if self.recording is not None:
+            self._mute_redacted(event)
         self.host.publish(event)
         for listener in list(self.listeners):
             try:
                 listener(event)
             except Exception:
                 log.exception("session %s: event listener failed", self.id)
+
+    def _mute_redacted(self, event: Event) -> None:
+        """PCI: a redacted final's turn (the call path asks ASR for no word times, so the whole
+        turn), or a masked DTMF digit's tone on every leg, is silenced in the recording."""
+        assert self.recording is not None
+        payload: Any = event.payload
+        if event.type == TURN_FINAL and event.leg and payload.start_ms is not None and payload.end_ms is not None:
+            self.recording.final(event.leg, payload.start_ms, payload.end_ms, payload.redactions or 0,
+                                 payload.text or "")
+        elif event.type == DTMF and payload.redactions and payload.offset_ms is not None:
+            self.recording.mute(None, payload.offset_ms - (payload.duration_ms or 0), payload.offset_ms)
 
     # -- end
     def end(self, reason: str, extra: dict[str, Any] | None = None) -> asyncio.Task[None]:
@@ -147,10 +195,12 @@ class SessionHost:
                  publish: Callable[[Event], None], capacity: Callable[[], int],
                  on_final: Callable[[str, "TranscriptionResult | None", str], None] | None = None,
                  turn_config: TurnConfig | None = None, partials: bool = True,
-                 end_of_turn: EndOfTurn | None = None) -> None:
+                 end_of_turn: EndOfTurn | None = None, recordings: RecordingWriter | None = None) -> None:
         """``end_of_turn``: the model legs with the semantic turn policy ask at a pause
         (the gateway's :class:`~gateway.app.EndOfTurnModel`); None: such turns end at
-        ``semantic_max_silence_ms``."""
+        ``semantic_max_silence_ms``. ``recordings``: where sessions that record write their WAV
+        (None: ``recordings_dir`` is not set, and a session asked to record says so in call.ended)."""
+        self.recordings = recordings
         self.settings = settings
         self.vad_runner = vad_runner
         self.transcriber = transcriber
@@ -170,7 +220,7 @@ class SessionHost:
              listeners: list[Callable[[Event], None]] | None = None,
              session_id: str | None = None, sip_call_id: str = "", from_uri: str = "", to_uri: str = "",
              origin_ms: Callable[[], float] | None = None, admit: bool = True,
-             redact: str | None = None) -> Session:
+             redact: str | None = None, record: bool | None = None) -> Session:
         """A new session with its legs registered for VAD, and its ``call.started`` published.
 
         ``session_id`` (the call id) is for a source that must name the session before it
@@ -179,6 +229,7 @@ class SessionHost:
         in the session (a SIP call's first RTP packet after the answer). ``admit=False``: the
         caller has already admitted the session (SIP call control answers 503 itself).
         ``redact``: ``pci`` or ``off`` for this session (a dialplan rule's); None: the ``redact`` setting.
+        ``record``: write the session's WAV (a dialplan rule's); None: the ``record`` setting.
         """
         if admit and self.draining:
             raise SessionLimit("draining")
@@ -197,8 +248,10 @@ class SessionHost:
                           opened_at=time.monotonic(), listeners=list(listeners or []))
         if (redact or s.redact) != "off":
             session.card_context = CardContext()
-        for spec in legs:
-            session.legs[spec.name] = LegPipeline(
+
+        def new_leg(spec: LegSpec, leg_origin: Callable[[], float] | None) -> LegPipeline:
+            leg_origin = leg_origin or origin_ms
+            return LegPipeline(
                 key=f"{session_id}/{spec.name}",
                 leg=spec.name,
                 events=events,
@@ -220,8 +273,21 @@ class SessionHost:
                 end_of_turn=self.end_of_turn,
                 redactor=session.redactor(spec.name),
                 max_backlog=int(s.media_backlog_s * 8000 / 256),  # media_backlog_s in 32 ms VAD chunks
-                **({"origin_ms": origin_ms} if origin_ms is not None else {}),
+                **({"origin_ms": leg_origin} if leg_origin is not None else {}),
             )
+
+        session._new_leg = new_leg
+        if s.record if record is None else record:
+            if self.recordings is None:
+                session.recording_error = "no-directory"
+            else:
+                session.recording = self.recordings.open(session_id, info.started_at,
+                                                         rate=16000 if any(x.wideband for x in legs) else 8000)
+                for spec in legs:
+                    session.recording.add_leg(spec.name)
+        for spec in legs:
+            session.legs[spec.name] = new_leg(spec, spec.origin_ms)
+            session.legs[spec.name].identity = dict(spec.identity)
         for pipeline in session.legs.values():
             self.vad_runner.register(pipeline)
         self.sessions[session_id] = session
@@ -249,6 +315,7 @@ class SessionHost:
                 "duration_ms": round((time.monotonic() - session.opened_at) * 1000),
                 "turns": sum(p.turns_published for p in session.legs.values()),
                 "dtmf": session.dtmf_count,
+                **(await self._finish_recording(session)),
             }
             try:
                 event = session.events.make(CALL_ENDED, {**ended, **extra})
@@ -261,6 +328,16 @@ class SessionHost:
             log.exception("error while ending session %s", session.id)
         finally:
             self.sessions.pop(session.id, None)
+
+    async def _finish_recording(self, session: Session) -> dict[str, Any]:
+        """The recording's call.ended fields, after every final (so every redacted span is known)."""
+        if session.recording is None:
+            return RecordingResult(None, error=session.recording_error).fields()
+        try:
+            return (await session.recording.finish()).fields()
+        except Exception:
+            log.exception("session %s: recording could not be finished", session.id)
+            return RecordingResult(None, error="write-error").fields()
 
     async def close(self, reason: str = "shutdown") -> None:
         """End every open session (gateway drain)."""

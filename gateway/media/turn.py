@@ -20,7 +20,15 @@ the same bounds as the :class:`TurnEnding` already sent, so the speculative
 transcription is the final one. Incomplete, too late, or never answered: the
 turn ends after ``semantic_max_silence_ms`` as under the silence rule, so a
 slow or failing model costs latency, never a turn. Speech that resumes makes
-the pending question stale; the next pause asks again. See docs/turns.md.
+the pending question stale; the next pause asks again.
+
+The model hears only the sound; with ``semantic_text`` (the default) its
+"complete" also needs the words: the caller hands the speculative final's
+transcript back with :meth:`TurnDetector.transcript`, and a transcript that
+reads as unfinished ("Please enter your ...", "You have two ...":
+:func:`gateway.media.endofturn_text.unfinished`) keeps the turn open as an
+"incomplete" answer would. The final cannot be published before that
+transcript anyway, so waiting for it costs no latency. See docs/turns.md.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from .endofturn_text import unfinished
 
 __all__ = [
     "EndOfTurnQuery",
@@ -73,6 +83,9 @@ class TurnConfig:
     semantic_min_silence_ms: int = 150  # semantic: a pause this long asks the model (>= pad_after_ms)
     semantic_max_silence_ms: int = 1500  # semantic: a pause this long ends the turn whatever the model said
     semantic_threshold: float = 0.5  # semantic: P(complete) at or above ends the turn
+    # semantic: a "complete" also needs the speculative final's text (TurnDetector.transcript) not to
+    # read as unfinished; False: the model alone decides
+    semantic_text: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -204,6 +217,7 @@ class TurnDetector:
         self._split_window = round(min(SPLIT_WINDOW_S, self.config.max_turn_s / 2) * sample_rate)
         self._semantic = cfg.policy == "semantic"
         self._semantic_threshold = cfg.semantic_threshold
+        self._semantic_text = cfg.semantic_text
         self._min_silence = round(cfg.semantic_min_silence_ms * ms)
         self._max_silence = round(cfg.semantic_max_silence_ms * ms)
         # a turn too short to ask about is discarded after the silence rule's pause (or sooner)
@@ -230,6 +244,12 @@ class TurnDetector:
         self._asked = False  # semantic: this pause's question was sent
         self._query: int | None = None  # semantic: the question whose answer can still end the turn
         self._next_query = 0
+        # semantic: this pause's TurnEnding (its end sample), whether the model said complete
+        # while its transcript was not in yet, and what the transcript said
+        self._ending_end: int | None = None
+        self._model_complete = False
+        self._text_reason: str | None = None
+        self._text_judged = False
         self._next_partial = 0
         # (start, end, (prob to 0.1, energy)) within the split window: the split goes where
         # speech is least likely; in fluent speech, where VAD probabilities saturate, to the
@@ -303,8 +323,11 @@ class TurnDetector:
 
         At or above ``semantic_threshold`` while the question is still current
         (no speech since, the turn still open) the turn is final now, reason
-        ``semantic``, with the bounds of its :class:`TurnEnding`. Otherwise
-        nothing happens: the turn goes on to ``semantic_max_silence_ms``.
+        ``semantic``, with the bounds of its :class:`TurnEnding`; with
+        ``semantic_text`` only once the pause's transcript is in
+        (:meth:`transcript`) and does not read as unfinished, so that
+        "complete" may wait for it. Otherwise nothing happens: the turn goes
+        on to ``semantic_max_silence_ms``.
         """
         probability = float(probability)
         if not 0.0 <= probability <= 1.0:  # also rejects NaN
@@ -313,9 +336,45 @@ class TurnDetector:
             return []  # stale: speech resumed, or the turn ended before the model answered
         self._query = None
         events: list[TurnEvent] = []
-        if probability >= self._semantic_threshold:
+        if probability < self._semantic_threshold:
+            return events
+        if self._semantic_text and not self._text_judged:
+            self._model_complete = True  # the transcript decides when it comes
+        elif self._text_reason is None:
             self._close(min(self._last_voiced_end + self._pad_after, self.position), "semantic", events)
         return events
+
+    def transcript(self, turn: int, end_sample: int, text: str | None) -> list[TurnEvent]:
+        """Semantic policy with ``semantic_text``: the speculative final's transcript of the
+        :class:`TurnEnding` of ``turn`` that ends at ``end_sample`` (None: the transcription
+        failed, and the model decides alone).
+
+        If the model already said complete and the text does not read as unfinished, the turn
+        is final now, reason ``semantic``. A transcript that reads as unfinished makes this
+        pause's "complete" count for nothing: the turn goes on to ``semantic_max_silence_ms``.
+        A transcript of an ending no longer current (speech resumed since, the turn ended) is
+        ignored, as is a second one for the same ending.
+        """
+        if not self.awaits_text(turn, end_sample):
+            return []
+        self._text_judged = True
+        self._text_reason = None if text is None else unfinished(text)
+        events: list[TurnEvent] = []
+        if self._model_complete and self._text_reason is None:
+            self._close(min(self._last_voiced_end + self._pad_after, self.position), "semantic", events)
+        return events
+
+    def awaits_text(self, turn: int, end_sample: int) -> bool:
+        """Whether :meth:`transcript` for this ending would still count: the semantic policy with
+        ``semantic_text``, the ending the current pause's, and its text not judged yet."""
+        return (self._semantic and self._semantic_text and self._turn is not None and turn == self._turn
+                and self._in_silence and self._ending_end == end_sample and not self._text_judged)
+
+    @property
+    def text_unfinished(self) -> str | None:
+        """Why the current pause's transcript reads as unfinished (None: it does not, or it is
+        not in yet, or no pause is current): for logging."""
+        return self._text_reason
 
     def flush(self) -> list[TurnEvent]:
         """Call end: finalise the open turn (or discard it if too short)."""
@@ -343,6 +402,7 @@ class TurnDetector:
         self._ending_sent = False
         self._asked = False
         self._query = None
+        self._forget_pause()
         self._continued = continued
         self._next_partial = speech_start + self._partial
         events.append(TurnStarted(self._turn, turn_start))
@@ -353,6 +413,7 @@ class TurnDetector:
             self._in_silence = False
             self._asked = False
             self._query = None  # the pause is over: an answer about it no longer counts
+            self._forget_pause()
             if self._ending_sent:
                 self._ending_sent = False
                 events.append(TurnResumed(self._turn))
@@ -391,6 +452,7 @@ class TurnDetector:
         elif long_enough:
             if silence >= self._semantic_ending and not self._ending_sent:
                 self._ending_sent = True
+                self._ending_end = final_end
                 events.append(TurnEnding(self._turn, self._audio(self._turn_start, final_end), self._turn_start, final_end))
             if silence >= self._min_silence and not self._asked:
                 self._asked = True
@@ -398,6 +460,12 @@ class TurnDetector:
                 self._next_query += 1
                 start = max(self._turn_start, end - self._query_window)
                 events.append(EndOfTurnQuery(self._turn, query, self._audio(start, end), start, end))
+
+    def _forget_pause(self) -> None:
+        self._ending_end = None
+        self._model_complete = False
+        self._text_reason = None
+        self._text_judged = False
 
     def _split(self, events: list[TurnEvent]) -> None:
         """Max length while speaking: cut in the quietest recent chunk and carry on."""

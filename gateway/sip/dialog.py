@@ -88,6 +88,8 @@ class Dialog(Timed):
         self.pending_answer: PendingAnswer | None = None
         self.hangup_requested = False
         self.bye: ClientTransaction | None = None
+        self.refer: ClientTransaction | None = None  # our latest REFER (call transfer, RFC 3515)
+        self.refer_subscribed = False  # its implicit subscription is open: NOTIFYs are taken
         self.ended = False
         # False while the source is unverified (gateway.sip.admission): no 2xx retransmission
         # on timers and no BYE after an ACK timeout, both of which would hit a spoofed victim.

@@ -22,6 +22,8 @@ __all__ = [
     "Peer",
     "ReInvite",
     "ReInviteAck",
+    "ReferNotify",
+    "ReferResponse",
     "SessionRefreshed",
     "Transmit",
 ]
@@ -59,7 +61,9 @@ class IncomingCall:
     The application must call ``answer()`` or ``reject()``.  An empty
     ``offer`` is a delayed-offer INVITE: ``answer()`` then takes our *offer*
     and the peer's answer arrives in :class:`CallConfirmed`.  ``trunk`` is the
-    trunk the INVITE came from (None without admission control).
+    trunk the INVITE came from (None without admission control).  ``siprec``:
+    a SIPREC recording INVITE (``Require: siprec`` or a ``+sip.src`` Contact,
+    RFC 7866); its body (``request.body``) holds the recording metadata.
     """
 
     dialog_id: str
@@ -67,6 +71,7 @@ class IncomingCall:
     offer: bytes
     peer: Peer
     trunk: Trunk | None = None
+    siprec: bool = False
 
 
 @dataclass
@@ -136,5 +141,26 @@ class SessionRefreshed:
     interval: int
 
 
+@dataclass(frozen=True)
+class ReferResponse:
+    """The final answer to our REFER (``UserAgent.refer``): 202/200 accepted, else refused;
+    408 when none came (Timer F)."""
+
+    dialog_id: str
+    status: int
+
+
+@dataclass(frozen=True)
+class ReferNotify:
+    """A NOTIFY about our REFER: the caller's call to the transfer target reached ``status``
+    (its ``message/sipfrag`` status line; None when the body had none). ``final``: the
+    subscription ended (a final status, or ``Subscription-State: terminated``)."""
+
+    dialog_id: str
+    status: int | None
+    reason: str
+    final: bool
+
+
 Event = (IncomingCall | CallConfirmed | CallCancelled | ReInvite | ReInviteAck | CallEnded | MalformedMessage
-         | SessionRefreshed)
+         | SessionRefreshed | ReferResponse | ReferNotify)

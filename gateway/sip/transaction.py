@@ -234,7 +234,7 @@ class NonInviteServerTransaction(ServerTransaction):
 
 
 class ClientTransaction(Timed):
-    """Non-INVITE client transaction (we only ever send BYE).
+    """Non-INVITE client transaction (we only ever send BYE and REFER).
 
     ``result`` becomes the final status code, or 408 when Timer F fires
     (RFC 3261 8.1.3.1 treats a timeout as a 408).

@@ -7,8 +7,10 @@ touches sockets or clocks, so whole call flows (including 32-second ACK
 timeouts) run in microseconds under test with fake time.
 
 Earshot only answers calls: it never sends INVITE, so it never has to
-resolve glare (491) for its own re-INVITEs, and its only client transaction
-is BYE.  Policy decisions (accept, reject, which SDP) belong to the
+resolve glare (491) for its own re-INVITEs, and its only client transactions
+are BYE and REFER (``refer()``: a blind transfer asked for on the call-control
+stream, gateway/callcontrol.py; the caller's NOTIFYs about it are taken in the
+dialog and reported as :class:`ReferNotify`).  Policy decisions (accept, reject, which SDP) belong to the
 application, which gets :mod:`gateway.sip.events` and answers through
 ``answer()``/``reject()``/``hangup()``/``accept_reinvite()``.
 
@@ -25,7 +27,7 @@ statelessly), sources over their budgets are dropped, and a source that is not
 retransmissions, no BYE and never more bytes than it sent. Trunks with ``auth``
 must answer a digest challenge (:mod:`gateway.sip.digest`) on every new INVITE.
 
-In-dialog requests we originate (BYE) go only to the address the dialog came
+In-dialog requests we originate (BYE, REFER) go only to the address the dialog came
 from: the INVITE's source address, on its connection, or for a TCP dialog whose
 connection is gone a new connection to that same IP address at the port the
 remote target (or first route) names. Request-URI and Route headers still follow
@@ -54,6 +56,8 @@ from gateway.sip.events import (
     IncomingCall,
     MalformedMessage,
     Peer,
+    ReferNotify,
+    ReferResponse,
     ReInvite,
     ReInviteAck,
     SessionRefreshed,
@@ -130,7 +134,8 @@ REASON_PHRASES: dict[int, str] = {
 # Cisco trunks get a 200 instead of killing the call.
 ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "UPDATE", "INFO")
 # Methods we know but refuse: a transcriber neither registers, subscribes,
-# takes messages nor transfers.  PRACK is handled apart: we never send
+# takes messages nor is transferred (a NOTIFY about our own REFER is taken:
+# _on_notify).  PRACK is handled apart: we never send
 # reliable provisional responses, so any PRACK gets 481 (RFC 3262 section 3).
 REFUSED_METHODS = frozenset({"REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"})
 KNOWN_METHODS = frozenset(ALLOWED_METHODS) | REFUSED_METHODS | {"PRACK"}
@@ -138,6 +143,12 @@ KNOWN_METHODS = frozenset(ALLOWED_METHODS) | REFUSED_METHODS | {"PRACK"}
 # (RFC 4028) only with session_expires set: we grant it with refresher=uac,
 # so we never have to refresh sessions ourselves.
 SUPPORTED_OPTIONS: tuple[str, ...] = ()
+# Option tags accepted in Require without being advertised in every Supported:
+# "siprec" (RFC 7866): Earshot is a recording server; the gateway checks the
+# recording metadata and answers each recorded stream (gateway/sdp.py, gateway/siprec/).
+ACCEPTED_REQUIRE = frozenset({"siprec"})
+#: body types of RFC 7865 recording metadata (the "+xml" one is the registered type; some SRCs send the other)
+METADATA_TYPES = frozenset({"application/rs-metadata+xml", "application/rs-metadata"})
 ACCEPTABLE_TYPES = frozenset({"application/sdp", "application/*", "*/*"})
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
@@ -351,12 +362,14 @@ class UserAgent:
 
     def accept_reinvite(self, dialog_id: str, sdp: bytes, now: float) -> bool:
         """200 with ``sdp`` to the pending re-INVITE/UPDATE (retransmitted
-        until ACK for re-INVITE)."""
-        if not sdp:
-            raise ValueError("accept_reinvite() needs an SDP body")
+        until ACK for re-INVITE).  An UPDATE that carried no offer (SIPREC
+        metadata only) is answered with an empty ``sdp``: a 200 without a body."""
         self._now = now
         dialog = self._dialogs.get(dialog_id)
         txn = dialog.offer_txn if dialog else None
+        if not sdp and not (txn is not None and txn.request.method == "UPDATE" and dialog is not None
+                            and dialog.offer_offerless):
+            raise ValueError("accept_reinvite() needs an SDP body")
         if dialog is None or txn is None or txn.has_final:
             return False
         data = self._response(txn.request, txn.peer, 200,
@@ -463,13 +476,15 @@ class UserAgent:
         if method not in KNOWN_METHODS:
             self._reply(txn, 501, now, extra=[("Allow", ", ".join(ALLOWED_METHODS))])
             return
-        if method in REFUSED_METHODS:
+        if method in REFUSED_METHODS and not (method == "NOTIFY" and _has_to_tag(h)):
+            # (an in-dialog NOTIFY may report on our REFER: _on_notify)
             self._reply(txn, 405, now, extra=[("Allow", ", ".join(ALLOWED_METHODS))])
             return
         if req.uri.split(":", 1)[0].lower() not in ("sip", "sips", "tel"):
             self._reply(txn, 416, now)
             return
-        unsupported = [t for t in h.get_all("require") if t and t.lower() not in self._supported]
+        unsupported = [t for t in h.get_all("require")
+                       if t and t.lower() not in self._supported and t.lower() not in ACCEPTED_REQUIRE]
         if unsupported:
             self._reply(txn, 420, now, extra=[("Unsupported", ", ".join(unsupported))])
             return
@@ -519,6 +534,8 @@ class UserAgent:
             self._on_offer(dialog, req, txn, now)
         elif req.method in ("OPTIONS", "INFO"):
             self._reply(txn, 200, now, extra=self._capabilities(txn, contact=False) if req.method == "OPTIONS" else [])
+        elif req.method == "NOTIFY":
+            self._on_notify(dialog, req, txn, now)
         else:  # PRACK
             self._reply(txn, 481, now)
 
@@ -535,7 +552,7 @@ class UserAgent:
         call_id = h.get("call-id") or ""
         from_tag = NameAddress.parse(h.get("from") or "", "From").tag or ""
         cseq, _ = parse_cseq(h.get("cseq") or "")
-        offer = self._body_offer(req, txn, now)
+        offer = self._body_offer(req, txn, now, metadata_ok=is_siprec(req))
         if offer is None:
             return
         existing = self._by_call.get((call_id, from_tag))
@@ -589,7 +606,7 @@ class UserAgent:
             # To an unverified source a 100 would only add bytes; without it the
             # client keeps resending the INVITE, and each copy may fetch the final.
             self._reply(txn, 100, now)
-        self._events.append(IncomingCall(dialog.id, req, offer, txn.peer, trunk=txn.trunk))
+        self._events.append(IncomingCall(dialog.id, req, offer, txn.peer, trunk=txn.trunk, siprec=is_siprec(req)))
 
     def _authenticated(self, req: SipRequest, txn: InviteServerTransaction, now: float) -> bool:
         """Digest check of a new INVITE from a trunk with ``auth``; False after
@@ -623,9 +640,11 @@ class UserAgent:
         self._reply(txn, trunk.auth.challenge, now, extra=[(header, v) for v in digest.challenge(now, stale=stale)])
         return False
 
-    def _body_offer(self, req: SipRequest, txn: ServerTransaction, now: float) -> bytes | None:
+    def _body_offer(self, req: SipRequest, txn: ServerTransaction, now: float, *,
+                    metadata_ok: bool = False) -> bytes | None:
         """SDP offer of an INVITE/UPDATE (b"" if none), or None after
-        answering 415/406 for a body or Accept we cannot work with."""
+        answering 415/406 for a body or Accept we cannot work with.
+        ``metadata_ok``: a SIPREC request, whose body may be recording metadata alone."""
         h = req.headers
         accepts = h.raw("accept")
         if accepts and not any(media_type(v) in ACCEPTABLE_TYPES for v in h.get_all("accept")):
@@ -638,6 +657,8 @@ class UserAgent:
             self._reply(txn, 415, now, extra=[("Accept-Encoding", "identity"), ("Accept", "application/sdp")])
             return None
         sdp = extract_sdp(h.get("content-type"), req.body)
+        if sdp is None and metadata_ok and has_metadata(h.get("content-type"), req.body):
+            return b""  # SIPREC metadata without SDP (RFC 7866 7.1.1.2): no offer; the gateway reads it
         if sdp is None:
             self._reply(txn, 415, now, extra=[("Accept", "application/sdp")])
             return None
@@ -650,7 +671,8 @@ class UserAgent:
             # RFC 3261 14.2 / RFC 3311 5.2: one offer at a time.
             self._reply(txn, 500, now, extra=[("Retry-After", str(self._rng.randint(0, 10)))])
             return
-        offer = self._body_offer(req, txn, now)
+        siprec = is_siprec(dialog.invite.request) or is_siprec(req)
+        offer = self._body_offer(req, txn, now, metadata_ok=siprec)
         if offer is None:
             return
         contacts = req.headers.get_all("contact")
@@ -662,7 +684,9 @@ class UserAgent:
                 return
         if self._too_small(req, txn, now):
             return
-        if req.method == "UPDATE" and not offer:  # a session refresh
+        if req.method == "UPDATE" and not offer and not (siprec and has_metadata(req.headers.get("content-type"),
+                                                                                 req.body)):
+            # a session refresh (an UPDATE with recording metadata only goes to the gateway)
             self._reply(txn, 200, now, extra=self._capabilities(txn) + self._session_timer(dialog, req))
             return
         dialog.offer_txn = txn
@@ -743,7 +767,7 @@ class UserAgent:
         if method != txn.method:
             return
         if txn.receive_response(resp.status, now):
-            self._bye_finished(dialog_id)
+            self._client_finished(txn, dialog_id)
 
     # ------------------------------------------------------------------
     # Timers
@@ -759,7 +783,7 @@ class UserAgent:
                 self._ack_timeout(obj, now)
         elif isinstance(obj, ClientTransaction):
             if obj.on_timer(now):
-                self._bye_finished(self._client_txns.get(obj.branch, (obj, ""))[1])
+                self._client_finished(obj, self._client_txns.get(obj.branch, (obj, ""))[1])
             if obj.terminated:
                 self._client_txns.pop(obj.branch, None)
         elif isinstance(obj, ServerTransaction):
@@ -783,29 +807,95 @@ class UserAgent:
     # ------------------------------------------------------------------
     # Our requests
 
-    def _send_bye(self, dialog: Dialog, now: float, reason: str | None = None) -> None:
+    def _dialog_request(self, dialog: Dialog, method: str, now: float,
+                        extra: list[tuple[str, str]]) -> ClientTransaction:
+        """Start our ``method`` request inside ``dialog``, to the dialog's source address only
+        (module docstring); ``extra`` headers follow the dialog's own."""
         request_uri, routes, hop = dialog.request_target()
-        peer = next_hop(hop, dialog.peer)  # the dialog's source address only (module docstring)
+        peer = next_hop(hop, dialog.peer)
         branch = MAGIC_COOKIE + secrets.token_hex(10)
         transport = peer.transport.upper() if peer.transport in ("tcp", "tls") else "UDP"
-        port = self.local_tls_port if peer.transport == "tls" else self.local_port
         h = Headers()
-        h.add("Via", f"SIP/2.0/{transport} {format_host(dialog.local_host)}:{port};branch={branch};rport")
+        h.add("Via", f"SIP/2.0/{transport} {format_host(dialog.local_host)}:{self._port_for(peer.transport)}"
+                     f";branch={branch};rport")
         h.add("Max-Forwards", "70")
         for route in routes:
             h.add("Route", route)
         h.add("From", dialog.local_party)
         h.add("To", dialog.remote_party)
         h.add("Call-ID", dialog.call_id)
-        h.add("CSeq", f"{dialog.next_cseq()} BYE")
+        h.add("CSeq", f"{dialog.next_cseq()} {method}")
+        for name, value in extra:
+            h.add(name, value)
         h.add("User-Agent", self.user_agent)
-        if reason:
-            h.add("Reason", reason)
-        data = serialize(SipRequest("BYE", request_uri, h))
-        dialog.state = "terminating"
-        txn = ClientTransaction(branch, "BYE", data, peer, self._send, self._arm, self.timers, now)
-        dialog.bye = txn
+        data = serialize(SipRequest(method, request_uri, h))
+        txn = ClientTransaction(branch, method, data, peer, self._send, self._arm, self.timers, now)
         self._client_txns[branch] = (txn, dialog.id)
+        return txn
+
+    def _port_for(self, transport: str) -> int:
+        """Our listening port for ``transport`` (the dialog's: next_hop never changes it)."""
+        return self.local_tls_port if transport == "tls" else self.local_port
+
+    def _send_bye(self, dialog: Dialog, now: float, reason: str | None = None) -> None:
+        dialog.state = "terminating"
+        dialog.bye = self._dialog_request(dialog, "BYE", now, [("Reason", reason)] if reason else [])
+
+    def refer(self, dialog_id: str, target: str, now: float) -> bool:
+        """Ask the caller to call ``target`` instead (blind transfer, RFC 3515 REFER).
+
+        Sent inside the dialog, to the dialog's source only (as BYE). The answer
+        comes as :class:`ReferResponse` (202: accepted; 408 on timeout) and the
+        transfer's progress as :class:`ReferNotify` (the ``message/sipfrag`` of the
+        caller's NOTIFYs). False when the call is not confirmed (not yet ACKed,
+        ending) or a REFER of it is still unanswered.
+        """
+        self._now = now
+        dialog = self._dialogs.get(dialog_id)
+        if dialog is None or dialog.ended or dialog.state != "confirmed" or _waiting(dialog.refer):
+            return False
+        if any(c in target for c in "\r\n<>\"") or ":" not in target:
+            raise ValueError(f"refer(): not a URI for Refer-To: {target!r:.80}")
+        transport = dialog.peer.transport
+        suffix = f";transport={transport}" if transport in ("tcp", "tls") else ""
+        host = format_host(dialog.local_host)
+        dialog.refer = self._dialog_request(dialog, "REFER", now, [
+            ("Contact", f"<sip:earshot@{host}:{self._port_for(transport)}{suffix}>"),
+            ("Refer-To", f"<{target}>"),
+            ("Referred-By", f"<sip:earshot@{host}>"),
+        ])
+        dialog.refer_subscribed = True  # NOTIFYs may overtake the 202 (RFC 3515 2.4.4)
+        return True
+
+    def _client_finished(self, txn: ClientTransaction, dialog_id: str) -> None:
+        """A client transaction got its final response (``txn.result``) or timed out (408)."""
+        if txn.method != "REFER":
+            self._bye_finished(dialog_id)
+            return
+        dialog = self._dialogs.get(dialog_id)
+        status = txn.result or 408
+        if dialog is not None and dialog.refer is txn and status >= 300:
+            dialog.refer_subscribed = False  # refused: no subscription, later NOTIFYs get 481
+        self._events.append(ReferResponse(dialog_id, status))
+
+    def _on_notify(self, dialog: Dialog, req: SipRequest, txn: ServerTransaction, now: float) -> None:
+        """A NOTIFY of the implicit subscription our REFER created (RFC 3515 2.4.4): its
+        ``message/sipfrag`` body is the status line of the caller's call to the target."""
+        h = req.headers
+        event = (h.get("event") or h.get("o") or "").split(";", 1)[0].strip().lower()
+        if event != "refer":
+            self._reply(txn, 489, now, reason="Bad Event")
+            return
+        if not dialog.refer_subscribed:
+            self._reply(txn, 481, now)
+            return
+        state = (h.get("subscription-state") or "").split(";", 1)[0].strip().lower()
+        status, phrase = _sipfrag_status(req.body)
+        self._reply(txn, 200, now)
+        final = state == "terminated" or (status is not None and status >= 200)
+        if final:
+            dialog.refer_subscribed = False
+        self._events.append(ReferNotify(dialog.id, status, phrase, final))
 
     def _bye_finished(self, dialog_id: str) -> None:
         dialog = self._dialogs.get(dialog_id)
@@ -899,6 +989,9 @@ class UserAgent:
             else:
                 transport = ";transport=tcp" if txn.peer.transport == "tcp" else ""
                 headers.append(("Contact", f"<sip:earshot@{host}:{self.local_port}{transport}>"))
+            if is_siprec(txn.request):  # RFC 7866 6.1.2: the SRS marks its Contact with +sip.srs
+                name, value = headers[-1]
+                headers[-1] = (name, value + ";+sip.srs")
         headers += [
             ("Allow", ", ".join(ALLOWED_METHODS)),
             ("Accept", "application/sdp"),
@@ -947,6 +1040,55 @@ class UserAgent:
             h.add("Content-Type", "application/sdp")
         phrase = reason or REASON_PHRASES.get(status) or "Unknown"
         return serialize(SipResponse(status, _safe_phrase(phrase), h, body))
+
+
+def is_siprec(req: SipRequest) -> bool:
+    """A SIPREC recording session (RFC 7866 6.1.1): ``Require: siprec``, or a Contact
+    with the ``+sip.src`` feature tag (BroadWorks puts a ``src`` URI parameter there)."""
+    if any(t.strip().lower() == "siprec" for t in req.headers.get_all("require")):
+        return True
+    for value in req.headers.get_all("contact")[:4]:
+        try:
+            address = NameAddress.parse(value, "Contact")
+        except ValueError:
+            continue
+        if "+sip.src" in address.params:
+            return True
+        uri_params = address.uri.split(";")[1:]
+        if any(p.split("=", 1)[0].strip().lower() in ("src", "+sip.src") for p in uri_params):
+            return True
+    return False
+
+
+def has_metadata(content_type: str | None, body: bytes) -> bool:
+    """The body is, or (multipart) holds, RFC 7865 recording metadata."""
+    mtype = media_type(content_type)
+    if mtype in METADATA_TYPES:
+        return bool(body.strip())
+    if not mtype.startswith("multipart/"):
+        return False
+    return re.search(rb"(?im)^(?:content-type|c)[ \t]*:[ \t]*application/rs-metadata(?:\+xml)?[ \t]*(?:;|\r?$)",
+                     body) is not None
+
+
+def _has_to_tag(h: Headers) -> bool:
+    try:
+        return NameAddress.parse(h.get("to") or "", "To").tag is not None
+    except ValueError:
+        return False
+
+
+def _waiting(txn: ClientTransaction | None) -> bool:
+    return txn is not None and txn.result is None and not txn.terminated
+
+
+def _sipfrag_status(body: bytes) -> tuple[int | None, str]:
+    """Status code and phrase of a ``message/sipfrag`` body (``SIP/2.0 180 Ringing``); (None, "") if none."""
+    line = body.lstrip(b"\r\n ").split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    match = re.match(r"SIP/2\.0\s+([1-6][0-9][0-9])(?:\s+(.*))?$", line, re.IGNORECASE)
+    if match is None:
+        return None, ""
+    return int(match.group(1)), _safe_phrase(match.group(2) or "")
 
 
 def _stamp_via(line: str, peer: Peer) -> str:

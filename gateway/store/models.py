@@ -101,6 +101,7 @@ class Call(Base):
     source_ids: Mapped[dict[str, Any] | None]
     tags: Mapped[list[str]] = mapped_column(default=list)
     dialplan_rule: Mapped[str | None] = mapped_column(Text)
+    dialplan_profile: Mapped[str | None] = mapped_column(Text)  # the rule's profile (call.started), migration 0005
     codec: Mapped[str | None] = mapped_column(String(16))
     transport: Mapped[str | None] = mapped_column(String(8))
     remote_media: Mapped[str | None] = mapped_column(Text)
@@ -115,6 +116,11 @@ class Call(Base):
     turn_count: Mapped[int] = mapped_column(Integer, default=0)
     dtmf_count: Mapped[int] = mapped_column(Integer, default=0)
     rtp_stats: Mapped[dict[str, Any] | None]
+    # the call's WAV (call.ended; docs/recordings.md), migration 0004: path relative to recordings_dir
+    recording: Mapped[str | None] = mapped_column(Text)
+    recording_duration_ms: Mapped[int | None] = mapped_column(Integer)
+    recording_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    recording_error: Mapped[str | None] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     legs: Mapped[list[Leg]] = relationship(
@@ -150,6 +156,10 @@ class Leg(Base):
     call_id: Mapped[str] = mapped_column(ForeignKey("calls.call_id", ondelete="CASCADE"), primary_key=True)
     label: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # SIPREC (docs/siprec.md): who speaks on the leg, as its latest event said; NULL for other calls
+    role: Mapped[str | None] = mapped_column(String(16))
+    participant: Mapped[str | None] = mapped_column(String(256))
+    number: Mapped[str | None] = mapped_column(String(64))
 
     call: Mapped[Call] = relationship(back_populates="legs")
 

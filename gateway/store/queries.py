@@ -9,7 +9,7 @@ bound parameter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, Select, and_, exists, func, literal_column, or_, select
@@ -30,6 +30,11 @@ class CallDetail:
     legs: list[str]
     turns: list[Turn]  # by start time, then leg and turn number
     dtmf: list[Dtmf]  # by offset
+    speakers: dict[str, Leg] = field(default_factory=dict)  # leg label -> its row (SIPREC: role, participant)
+
+    def side(self, leg: str) -> str:
+        """``customer``, ``agent`` or ``other``: the colour of a leg's turns in a two-speaker transcript."""
+        return speaker_side(leg, getattr(self.speakers.get(leg), "role", None))
 
     @property
     def timeline(self) -> list[Turn | Dtmf]:
@@ -125,8 +130,17 @@ def get_call(session: Session, call_id: str) -> CallDetail | None:
     call = session.get(Call, call_id)
     if call is None:
         return None
-    legs = list(session.scalars(select(Leg.label).where(Leg.call_id == call_id).order_by(Leg.label)))
+    rows = list(session.scalars(select(Leg).where(Leg.call_id == call_id).order_by(Leg.label)))
+    legs = [row.label for row in rows]
     turns = list(session.scalars(
         select(Turn).where(Turn.call_id == call_id).order_by(Turn.start_ms, Turn.leg, Turn.turn)))
     digits = list(session.scalars(select(Dtmf).where(Dtmf.call_id == call_id).order_by(Dtmf.offset_ms, Dtmf.id)))
-    return CallDetail(call=call, legs=legs, turns=turns, dtmf=digits)
+    return CallDetail(call=call, legs=legs, turns=turns, dtmf=digits, speakers={row.label: row for row in rows})
+
+
+def speaker_side(leg: str, role: str | None) -> str:
+    """A SIPREC leg's role decides its side; without one, the leg names Earshot gives
+    (``caller``, ``agent``: SIPREC and Twilio) do. As earshot.js ``speakerSide``."""
+    if role in ("customer", "agent"):
+        return role
+    return {"caller": "customer", "agent": "agent"}.get(leg, "other")

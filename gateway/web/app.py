@@ -35,6 +35,7 @@ from ..store.page import QueryError
 from ..store.users import revoke_session, session_revoked, verify_token
 from .auth import SESSION_COOKIE, Principal, SessionCodec, SessionData, load_secret, secret_file_for
 from .format import FILTERS
+from .assist import AssistFeed
 from .live import LiveHub
 from .throttle import LoginGuard
 
@@ -127,6 +128,9 @@ class Dashboard:
         self.clock = clock
         self.wall = wall
         self.keepalive_s = keepalive_s
+        # agent-assist suggestions beside the live call view (gateway/web/assist.py)
+        self.assist = AssistFeed(settings.redis_url, f"{settings.stream_prefix}:assist") \
+            if settings.web_assist else None
         self.templates = Jinja2Templates(directory=str(TEMPLATES))
         self.templates.env.filters.update(FILTERS)
         self.templates.env.globals["version"] = __version__
@@ -144,6 +148,8 @@ class Dashboard:
     async def close(self) -> None:
         if self._owns_hub:
             await self.hub.close()
+        if self.assist is not None:
+            await self.assist.close()
         if self._owns_engine:
             self.engine.dispose()
 

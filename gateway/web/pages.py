@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..events import SOURCE_KINDS
+from ..output.recording import resolve
 from ..store.queries import get_call, list_calls
 from ..store.search import search_terms, search_turns
 from ..store.users import UserError, authenticate, normalize_username
@@ -258,7 +259,7 @@ def page_router(d: Dashboard) -> APIRouter:
         is_live = live is not None or (detail is not None and detail.call.status == "live") or detail is None
         return d.render(request, "call.html", {
             "user": user, "nav": "live" if is_live else "history", "call_id": call_id, "detail": detail,
-            "live": live.to_json() if live else None, "is_live": is_live})
+            "live": live.to_json() if live else None, "is_live": is_live, "assist": d.assist is not None})
 
     @router.get("/try")
     async def try_it(request: Request) -> Response:
@@ -288,5 +289,36 @@ def page_router(d: Dashboard) -> APIRouter:
                                              alive=d.stream_alive(request),
                                              recheck_s=d.settings.web_stream_recheck_s),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @router.get("/calls/{call_id}/assist/stream")
+    async def assist_stream(request: Request, call_id: str) -> Response:
+        """The call's agent-assist suggestions, then new ones (gateway/web/assist.py)."""
+        await stream_user(request)
+        if not valid_call_id(call_id) or d.assist is None:
+            raise ApiError(404, "no such call")
+        return StreamingResponse(d.assist.events(call_id, request.headers.get("last-event-id", ""), d.keepalive_s,
+                                                 alive=d.stream_alive(request),
+                                                 recheck_s=d.settings.web_stream_recheck_s),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @router.get("/calls/{call_id}/recording")
+    async def call_recording(request: Request, call_id: str) -> Response:
+        """The call's WAV (docs/recordings.md), with Range support so the player can seek; only a
+        path the store names inside ``recordings_dir`` is served."""
+        await stream_user(request)
+        if not valid_call_id(call_id) or not d.settings.recordings_dir:
+            raise ApiError(404, "no such recording")
+
+        def query() -> str | None:
+            with d.session() as db:
+                detail = get_call(db, call_id)
+                return detail.call.recording if detail is not None else None
+
+        relative = await run_in_threadpool(query)
+        path = resolve(d.settings.recordings_dir, relative) if relative else None
+        if path is None or not path.is_file():
+            raise ApiError(404, f"no recording of call {call_id!r} (none made, or removed by retention)")
+        return FileResponse(path, media_type="audio/wav", filename=path.name, content_disposition_type="inline",
+                            headers={"Cache-Control": "private, no-store"})
 
     return router

@@ -27,8 +27,13 @@ def wav_seconds(path: str) -> float:
 
 
 class Call(pj.Call):
+    follow_transfer = False  # --follow-transfer: accept a REFER (202) and call its Refer-To target
+
     def __init__(self, account: pj.Account, index: int, wav: str) -> None:
         super().__init__(account)
+        self.account = account
+        self.transfer: dict | None = None  # the REFER we followed: its target
+        self.child: Call | None = None  # the new call to the transfer target
         self.index = index
         self.wav = wav
         self.player: pj.AudioMediaPlayer | None = None
@@ -47,6 +52,15 @@ class Call(pj.Call):
             self.disconnected = True
             self.status = info.lastStatusCode
             self.reason = info.lastReason
+
+    def onCallTransferRequest(self, prm: pj.OnCallTransferRequestParam) -> None:
+        if not self.follow_transfer:
+            prm.statusCode = 603
+            return
+        prm.statusCode = 202
+        self.transfer = {"target": prm.dstUri}
+        self.child = Call(self.account, self.index, self.wav)
+        prm.newCall = self.child
 
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         info = self.getInfo()
@@ -85,9 +99,13 @@ def main() -> int:
     parser.add_argument("--stagger", type=float, default=0.05, help="seconds between call starts")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--delayed-offer", action="store_true", help="INVITE without SDP (offer in the 200)")
+    parser.add_argument("--follow-transfer", action="store_true",
+                        help="accept a REFER and call its target; that call is hung up --transfer-hold s after it is up")
+    parser.add_argument("--transfer-hold", type=float, default=1.0)
     parser.add_argument("--hold-at", type=float, default=0.0,
                         help="seconds after answer to put the call on hold (re-INVITE), resumed 1 s later")
     args = parser.parse_args()
+    Call.follow_transfer = args.follow_transfer
 
     ep = pj.Endpoint()
     ep.libCreate()
@@ -166,9 +184,18 @@ def main() -> int:
     hung_up: set[int] = set()
     held: set[int] = set()
     resumed: set[int] = set()
-    while time.monotonic() < deadline and not all(c.disconnected for c in calls):
+    def everyone() -> list[Call]:
+        return calls + [c.child for c in calls if c.child is not None]
+
+    while time.monotonic() < deadline and not all(c.disconnected for c in everyone()):
         ep.libHandleEvents(10)
         now = time.monotonic()
+        for call in calls:  # a followed transfer: the new call stays up --transfer-hold s
+            child = call.child
+            if child is not None and child.confirmed_at is not None and not child.disconnected \
+                    and not getattr(child, "hung_up", False) and now >= child.confirmed_at + args.transfer_hold:
+                child.hangup(pj.CallOpParam(True))
+                child.hung_up = True
         for call in calls:
             if call.disconnected or call.confirmed_at is None or call.index in hung_up:
                 continue
@@ -189,10 +216,16 @@ def main() -> int:
                 call.hangup(pj.CallOpParam(True))
                 hung_up.add(call.index)
     end = time.monotonic() + 2
-    while time.monotonic() < end and not all(c.disconnected for c in calls):
+    while time.monotonic() < end and not all(c.disconnected for c in everyone()):
         ep.libHandleEvents(10)
     for call in calls:
-        print(json.dumps({
+        transfer = None
+        if call.transfer is not None:
+            child = call.child
+            transfer = {**call.transfer, "call_id": child.sip_call_id if child else "",
+                        "confirmed": bool(child and child.confirmed_at is not None),
+                        "status_at_end": child.status if child else None}
+        print(json.dumps({"transfer": transfer,
             "index": call.index, "call_id": call.sip_call_id, "wav": call.wav, "status": call.status,
             "confirmed": call.confirmed_at is not None, "disconnect_reason": call.reason,
             "held": call.index in held, "resumed": call.index in resumed,
@@ -201,6 +234,9 @@ def main() -> int:
     for call in calls:
         if call.player is not None:
             call.player = None
+        if call.child is not None:
+            call.child.player = None
+            call.child = None
     # Every Call must be gone before libDestroy: the loop variable holds the last one, and its
     # destructor after libDestroy trips pjsua's assertion in pjsua_call_set_user_data.
     call = None  # type: ignore[assignment]

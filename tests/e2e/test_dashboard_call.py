@@ -43,7 +43,9 @@ WAIT_MS = 30_000  # one step's wait: generous, yet the test stays well within tw
 @pytest.fixture
 def gateway(tmp_path):
     url = f"sqlite:///{tmp_path / 'earshot.db'}"
-    with running_gateway({"EARSHOT_DATABASE_URL": url}) as gw:
+    # recorded (docs/recordings.md): the detail page plays it, and a click on a turn seeks there
+    with running_gateway({"EARSHOT_DATABASE_URL": url, "EARSHOT_RECORDINGS_DIR": str(tmp_path / "recordings"),
+                          "EARSHOT_RECORD": "true"}) as gw:
         # the gateway has upgraded the schema by the time it says it is ready
         add_user(url, "supervisor1", PASSWORD, role="supervisor")
         yield gw
@@ -164,6 +166,20 @@ async def test_real_call_watched_live_then_found_in_history(gateway, tmp_path):
             await expect(page.locator(".call-head")).to_contain_text("ended: bye")
             assert await page.locator("#timeline").get_attribute("data-stream") is None
             await shot(page, "real-call-detail-1280")
+
+            # the recording beside it: the browser loads it (Range requests), a click on a turn seeks to it
+            ended = events[-1]
+            assert ended.get("recording"), ended
+            player = page.locator("audio#recording")
+            await expect(player).to_have_attribute("src", f"/calls/{call_id}/recording")
+            await page.wait_for_function("document.getElementById('recording').readyState >= 1")
+            duration = await page.evaluate("document.getElementById('recording').duration")
+            assert abs(duration * 1000 - ended["recording_duration_ms"]) < 50, (duration, ended)
+            turn = page.locator("li.turn").nth(len(published) - 1)
+            start_ms = int(await turn.get_attribute("data-start"))
+            await turn.locator(".text").click()
+            await page.wait_for_function(
+                f"Math.abs(document.getElementById('recording').currentTime - {start_ms / 1000}) < 0.3")
         finally:
             expect.set_options(timeout=5_000)  # Playwright's default, for the tests that run next
             await browser.close()

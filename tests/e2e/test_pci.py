@@ -7,7 +7,12 @@ keypad. `earshot run` transcribes it with tiny.en (the default model). The test 
 key the gateway wrote to the real Redis (the events stream and the call's own stream), every
 row of every table of its SQLite store, and the gateway's whole log, and finds the number in
 none of them, in digits or in words; it finds ``[REDACTED:card]``, ``redactions`` >= 1, and the
-DTMF keys published as ``*``.
+DTMF keys published as ``*``. The call is recorded (docs/recordings.md): the recording holds the
+caller's audio where the events place it, and every span of the four groups of digits, and every
+redacted turn, is silence in it, while the prompt said before the number ("Please hold while we
+try to connect you.") is there as sent. (No prompt follows the number: with one after it, tiny.en
+began that turn with the number's last digit, "4 Thank you for your patience", heard through the
+previous turns' context audio.)
 
 The Visa test number 4111 1111 1111 1111 is not used: tiny.en hears "one one one one" read by
 this voice as a repetition loop ("one. one. one. one. one. ..."), while it transcribes each
@@ -22,8 +27,10 @@ import shutil
 import sqlite3
 import subprocess
 import time
+import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
@@ -33,6 +40,8 @@ from tests.e2e.harness import REDIS_URL, place_calls, running_gateway
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DIGITS_DIR = Path("/usr/share/asterisk/sounds/en/digits")
+SOUNDS_DIR = DIGITS_DIR.parent
+BEFORE = "pls-hold-while-try"  # speech before the number, no digits in it
 CARD = "6011000990139424"
 GROUPS = ["6011", "0009", "9013", "9424"]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -53,10 +62,11 @@ def leak_patterns() -> list[re.Pattern[str]]:
     return out
 
 
-def card_wav(directory: Path) -> Path:
-    """1 s of silence, the four groups (digits trimmed of their own silence, 50 ms apart) 1.5 s apart."""
+def card_wav(directory: Path) -> tuple[Path, list[tuple[int, int]]]:
+    """1 s of silence, a prompt, the four groups (digits trimmed of their own silence, 50 ms apart)
+    1.5 s apart; and where the prompt and the groups are in it ([start, end) samples at 8 kHz)."""
     sox = shutil.which("sox")
-    if sox is None or not (DIGITS_DIR / "0.wav").exists():
+    if sox is None or not (DIGITS_DIR / "0.wav").exists() or not (SOUNDS_DIR / f"{BEFORE}.wav").exists():
         pytest.skip("needs sox and Debian's asterisk-core-sounds-en-wav")
 
     def run(*args: str) -> None:
@@ -69,14 +79,33 @@ def card_wav(directory: Path) -> Path:
     for d in set(CARD):
         run(str(DIGITS_DIR / f"{d}.wav"), *fmt, str(directory / f"d{d}.wav"),
             "silence", "1", "0.01", "-45d", "reverse", "silence", "1", "0.01", "-45d", "reverse")
-    parts = [str(pause)]
-    for group in GROUPS:
-        for d in group:
-            parts += [str(directory / f"d{d}.wav"), str(gap)]
+    for name in (BEFORE,):
+        run(str(SOUNDS_DIR / f"{name}.wav"), *fmt, str(directory / f"{name}.wav"),
+            "silence", "1", "0.01", "-45d", "reverse", "silence", "1", "0.01", "-45d", "reverse")
+
+    def samples(path: str) -> int:
+        with wave.open(path, "rb") as w:
+            return w.getnframes()
+
+    spans: list[tuple[int, int]] = []
+    parts, at = [str(pause)], samples(str(pause))
+
+    def spoken(files: list[str]) -> None:
+        nonlocal at
+        start = at
+        for f in files:
+            parts.append(f)
+            at += samples(f)
+        spans.append((start, at))
         parts.append(str(pause))
+        at += samples(str(pause))
+
+    spoken([str(directory / f"{BEFORE}.wav")])
+    for group in GROUPS:
+        spoken([f for d in group for f in (str(directory / f"d{d}.wav"), str(gap))][:-1])
     out = directory / "card.wav"
     run(*parts, *fmt, str(out))
-    return out
+    return out, spans
 
 
 def redis_dump(prefix: str) -> tuple[list[dict], str]:
@@ -118,10 +147,38 @@ def sql_dump(path: Path) -> tuple[list[str], str]:
     return texts, "\n".join(raw)
 
 
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 8000), path
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float64)
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x ** 2))) if x.size else 0.0
+
+
+def align(recorded: np.ndarray, sent: np.ndarray, span: tuple[int, int], max_lag: int) -> tuple[int, float]:
+    """Where the sent ``span`` sits in the recording (its lag in samples) and how well it matches there."""
+    ref = sent[span[0]:span[1]]
+    ref = ref - ref.mean()
+    best = (0, -1.0)
+    for lag in range(0, max_lag, 1):
+        seg = recorded[span[0] + lag:span[1] + lag]
+        if seg.size < ref.size:
+            break
+        seg = seg - seg.mean()
+        score = float(seg @ ref / (np.sqrt((seg @ seg) * (ref @ ref)) or 1.0))
+        if score > best[1]:
+            best = (lag, score)
+    return best
+
+
 def test_a_card_number_read_over_four_turns_reaches_no_sink(tmp_path):
-    wav = card_wav(tmp_path)
+    wav, spans = card_wav(tmp_path)
     store = tmp_path / "earshot.db"
-    with running_gateway({"EARSHOT_DATABASE_URL": f"sqlite:///{store}", "EARSHOT_LOG_LEVEL": "debug"}) as gw:
+    recordings = tmp_path / "recordings"
+    with running_gateway({"EARSHOT_DATABASE_URL": f"sqlite:///{store}", "EARSHOT_LOG_LEVEL": "debug",
+                          "EARSHOT_RECORDINGS_DIR": str(recordings), "EARSHOT_RECORD": "true"}) as gw:
         results = place_calls(f"127.0.0.1:{gw.sip_port}", [wav], 1, hold=4.0, dtmf="1234#")
         assert results[0]["confirmed"], results
         deadline = time.monotonic() + 60
@@ -159,3 +216,31 @@ def test_a_card_number_read_over_four_turns_reaches_no_sink(tmp_path):
     dtmf = [e for e in mine if e["type"] == "dtmf"]
     assert [e["digit"] for e in dtmf] == ["*", "*", "*", "*", "#"], dtmf
     assert [e.get("redactions") for e in dtmf] == [1, 1, 1, 1, None]
+    # the recording: the caller's audio on the call's timeline, card digits muted (docs/recordings.md)
+    end = ended[0]
+    assert end.get("recording") and "recording_error" not in end, end
+    path = recordings / end["recording"]
+    assert path.stat().st_size == end["recording_bytes"]
+    recorded, sent = read_wav(path), read_wav(wav)
+    assert abs(end["recording_duration_ms"] - recorded.size / 8) <= 1
+    lag, score = align(recorded, sent, spans[0], 8000 * 3)  # the first prompt: the caller's first packet is late
+    print(f"recording: {recorded.size / 8000:.2f} s, lag {lag / 8:.0f} ms, prompt correlation {score:.3f}")
+    assert score > 0.9, (lag, score)
+    levels = [rms(recorded[a + lag:b + lag]) for a, b in spans]
+    print("rms of the prompt and the groups:", [round(x, 1) for x in levels],
+          "sent:", [round(rms(sent[a:b]), 1) for a, b in spans])
+    assert levels[0] > 300
+    assert levels[1:] == [0.0] * len(GROUPS), levels  # every group of the number is silence
+    for e in finals:
+        a, b = e["start_ms"] * 8, e["end_ms"] * 8
+        if e.get("redactions"):
+            assert rms(recorded[a:b]) == 0.0, e
+        elif e.get("text"):
+            assert rms(recorded[a:b]) > 300, e
+    # the store has what call.ended said
+    db = sqlite3.connect(store)
+    try:
+        row = db.execute("SELECT recording, recording_bytes FROM calls WHERE call_id = ?", (end["call_id"],)).fetchone()
+    finally:
+        db.close()
+    assert row == (end["recording"], end["recording_bytes"])

@@ -90,3 +90,16 @@ def test_parse_asks_reads_the_pipelines_debug_lines():
     first, second = asks["abc-123"]
     assert abs(first["wall"] - wall) < 1e-6 and first["turn"] == 2 and first["p"] == 0.912 and first["ends"]
     assert second["turn"] == 3 and not second["ends"]
+
+
+def test_parse_asks_reads_the_texts_verdicts_too():
+    lines = [
+        "2026-12-02 07:01:02,345 DEBUG gateway.pipeline: abc-123/caller turn 2: P(complete) 0.912\n",
+        "2026-12-02 07:01:02,500 DEBUG gateway.pipeline: abc-123/caller turn 2: text ends it\n",
+        "2026-12-02 07:01:04,000 DEBUG gateway.pipeline: abc-123/caller turn 3: text reads unfinished "
+        "(ends in 'the'), keeps it open\n",
+    ]
+    ask, ended, kept = parse_asks(lines)["abc-123"]
+    assert not ask.get("text") and ask["p"] == 0.912 and not ask["ends"]
+    assert ended["text"] and ended["ends"] and ended["p"] is None and ended["turn"] == 2
+    assert kept["text"] and not kept["ends"] and kept["reason"] == "ends in 'the'"

@@ -40,9 +40,12 @@ from tests.fixtures_data import get_entry, load_manifest, read_pcm16
 from tests.unit.test_turn import SILENCE, SPEECH, Feeder, assert_audio, positions
 
 # the gateway's defaults: the speculative final after 100 ms (4 chunks), the question after
-# 150 ms (5 chunks), the end at the latest after 1500 ms (47 chunks)
+# 150 ms (5 chunks), the end at the latest after 1500 ms (47 chunks); the model alone decides
+# here (semantic_text off); WITH_TEXT also reads the speculative final's text (the default)
 SEMANTIC = TurnConfig(policy="semantic", pad_after_ms=100, speculative_ms=100, semantic_min_silence_ms=150,
-                      semantic_max_silence_ms=1500, semantic_threshold=0.5, partial_interval_ms=0)
+                      semantic_max_silence_ms=1500, semantic_threshold=0.5, partial_interval_ms=0,
+                      semantic_text=False)
+WITH_TEXT = dataclasses.replace(SEMANTIC, semantic_text=True)
 ASK_AT = 5  # silent chunks until the question
 MAX_AT = 47  # silent chunks until the silence bound
 
@@ -503,7 +506,7 @@ async def test_semantic_finals_are_decided_earlier_than_silence_ones(name):
     assert {e.data["reason"] for e in published if e.type == "turn.final"} == {"silence"}
     oracle = Oracle([t.end_ms for t in entry.turns])
     published.clear()
-    semantic = await decided_after_speech(name, dataclasses.replace(base, policy="semantic"), oracle, published)
+    semantic = await decided_after_speech(name, dataclasses.replace(base, policy="semantic", semantic_text=False), oracle, published)
     finals = [e for e in published if e.type == "turn.final"]
     assert [e.data["reason"] for e in finals] == ["semantic"] * len(entry.turns)
     assert all(e.data["asr"]["speculative"] for e in finals)  # started at the pause, before the answer
@@ -534,7 +537,7 @@ async def test_mid_sentence_pauses_that_the_model_calls_incomplete_do_not_cut_th
     assert len(cut) > len(entry.turns)  # silence_ms cuts inside a sentence
     oracle = Oracle([t.end_ms for t in entry.turns])
     published.clear()
-    semantic = await decided_after_speech(name, dataclasses.replace(base, policy="semantic"), oracle, published)
+    semantic = await decided_after_speech(name, dataclasses.replace(base, policy="semantic", semantic_text=False), oracle, published)
     finals = [e for e in published if e.type == "turn.final"]
     assert oracle.asked > len(entry.turns)  # asked at the mid-sentence pauses too, told "not yet"
     assert len(finals) == len(entry.turns)
@@ -542,3 +545,171 @@ async def test_mid_sentence_pauses_that_the_model_calls_incomplete_do_not_cut_th
         assert final.data["reason"] == "semantic"
         assert final.data["start_ms"] <= turn.start_ms and final.data["end_ms"] >= turn.end_ms - 100
         assert late + base.pad_after_ms <= 192
+
+
+# -- the second signal: the speculative final's text ---------------------------------------
+
+def paused_with_text(config: TurnConfig = WITH_TEXT) -> tuple[Feeder, EndOfTurnQuery, TurnEnding]:
+    f = Feeder(config)
+    speak(f)
+    f.run(SILENCE, ASK_AT)
+    return f, only(f, EndOfTurnQuery), only(f, TurnEnding)
+
+
+def test_complete_waits_for_the_text_and_a_finished_text_ends_the_turn():
+    f, query, ending = paused_with_text()
+    assert f.det.answer(query.query, 0.9) == []  # the model says complete: the text is not in yet
+    assert f.det.in_turn
+    (final,) = f.det.transcript(ending.turn, ending.end_sample, "Please hold while we connect you.")
+    assert isinstance(final, TurnFinal) and final.reason == "semantic"
+    assert (final.start_sample, final.end_sample) == (ending.start_sample, ending.end_sample)
+    assert not f.det.in_turn and f.det.pending_query is None
+
+
+def test_a_text_that_came_first_lets_the_model_end_the_turn():
+    f, query, ending = paused_with_text()
+    assert f.det.transcript(ending.turn, ending.end_sample, "Thank you.") == []  # no answer yet
+    (final,) = f.det.answer(query.query, 0.9)
+    assert final.reason == "semantic" and final.end_sample == ending.end_sample
+
+
+def test_a_text_that_reads_unfinished_keeps_the_turn_open_to_the_silence_bound():
+    for text_first in (False, True):
+        f, query, ending = paused_with_text()
+        calls = [lambda: f.det.answer(query.query, 0.99),
+                 lambda: f.det.transcript(ending.turn, ending.end_sample, "My account number is...")]
+        for call in (reversed(calls) if text_first else calls):
+            assert call() == []
+        assert f.det.text_unfinished == "trailing mark"
+        f.run(SILENCE, MAX_AT - ASK_AT - 1)
+        assert not f.of(TurnFinal)
+        (final,) = f.run(SILENCE, 1)
+        assert final.reason == "silence" and final.end_sample == ending.end_sample
+
+
+def test_a_finished_text_does_not_end_the_turn_without_the_models_complete():
+    f, query, ending = paused_with_text()
+    assert f.det.transcript(ending.turn, ending.end_sample, "Thank you.") == []
+    assert f.det.answer(query.query, 0.2) == []
+    assert f.det.in_turn
+    f.run(SILENCE, MAX_AT - ASK_AT)
+    assert only(f, TurnFinal).reason == "silence"
+
+
+def test_speech_resuming_before_the_text_makes_both_stale():
+    f, query, ending = paused_with_text()
+    assert f.det.answer(query.query, 0.9) == []
+    assert f.feed(SPEECH) == [TurnResumed(0)]
+    # the transcript of the cancelled speculation arrives late: ignored, nothing ends
+    assert f.det.transcript(ending.turn, ending.end_sample, "Thank you.") == []
+    assert f.det.in_turn and f.det.text_unfinished is None
+    f.run(SPEECH, 10)
+    f.run(SILENCE, ASK_AT)
+    second_query = [e for _, e in f.of(EndOfTurnQuery)][-1]
+    second_ending = [e for _, e in f.of(TurnEnding)][-1]
+    assert second_ending.end_sample > ending.end_sample
+    # the next pause needs its own complete and its own text: the first pause's do not carry over
+    assert f.det.transcript(ending.turn, ending.end_sample, "Thank you.") == []
+    assert f.det.transcript(second_ending.turn, second_ending.end_sample, "Thank you.") == []
+    (final,) = f.det.answer(second_query.query, 0.9)
+    assert final.reason == "semantic" and final.end_sample == second_ending.end_sample
+
+
+def test_a_failed_transcription_leaves_the_model_to_decide():
+    f, query, ending = paused_with_text()
+    assert f.det.answer(query.query, 0.9) == []
+    (final,) = f.det.transcript(ending.turn, ending.end_sample, None)
+    assert final.reason == "semantic"
+
+
+def test_only_the_first_text_of_an_ending_counts_and_late_texts_change_nothing():
+    f, query, ending = paused_with_text()
+    assert f.det.transcript(ending.turn, ending.end_sample, "You have two...") == []
+    assert f.det.transcript(ending.turn, ending.end_sample, "You have two messages.") == []  # a second: ignored
+    assert f.det.answer(query.query, 0.95) == []
+    f.run(SILENCE, MAX_AT - ASK_AT)
+    final = only(f, TurnFinal)
+    assert final.reason == "silence"
+    # after the turn ended (the ASR slower than the longest pause): nothing
+    assert f.det.transcript(ending.turn, ending.end_sample, "Thank you.") == []
+    assert f.det.transcript(ending.turn + 1, ending.end_sample, "Thank you.") == []
+
+
+def test_without_semantic_text_the_model_alone_decides_and_texts_are_ignored():
+    f, query, ending = paused_with_text(SEMANTIC)
+    assert f.det.transcript(ending.turn, ending.end_sample, "My account number is...") == []
+    (final,) = f.det.answer(query.query, 0.9)
+    assert final.reason == "semantic"
+    g = Feeder(TurnConfig(partial_interval_ms=0))  # the silence policy ignores texts too
+    speak(g)
+    g.run(SILENCE, 8)  # speculative_ms 200: the 7th silent chunk
+    (silence_ending,) = [e for _, e in g.of(TurnEnding)]
+    assert g.det.transcript(silence_ending.turn, silence_ending.end_sample, "Thank you.") == []
+    assert g.det.in_turn
+
+
+class TextTranscriber(StubTranscriber):
+    """The stub transcriber, answering a chosen text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def result(self, request):
+        return dataclasses.replace(super().result(request), text=self.text)
+
+
+class SlowTextTranscriber(TextTranscriber):
+    """... that answers only once ``gate`` is set."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.gate = asyncio.Event()
+
+    async def transcribe(self, request):
+        await self.gate.wait()
+        return await super().transcribe(request)
+
+
+async def test_a_complete_answer_waits_for_a_slower_transcript(caplog):
+    caplog.set_level(logging.DEBUG, logger="gateway.pipeline")
+    leg = Leg(StubModel(0.9), config=WITH_TEXT)
+    leg.pipeline._transcriber = slow = SlowTextTranscriber("That's all, thanks.")
+    await leg.run(SILENCE, 5)
+    await leg.run(SPEECH, 20)
+    await leg.run(SILENCE, ASK_AT + 2)
+    assert "turn 0: P(complete) 0.900\n" in caplog.text and leg.finals() == []  # complete, no text yet
+    slow.gate.set()
+    await leg.run(SILENCE, 1)
+    (final,) = leg.finals()
+    assert final.data["reason"] == "semantic" and final.data["asr"]["speculative"] is True
+    assert "turn 0: text ends it" in caplog.text
+    await leg.pipeline.close()
+
+
+@pytest.mark.parametrize("text, reason", [("Thank you for calling.", "semantic"),
+                                          ("My account number is", "silence")])
+async def test_the_leg_hands_the_speculative_text_to_the_detector(text, reason, caplog):
+    caplog.set_level(logging.DEBUG, logger="gateway.pipeline")
+    model = StubModel(0.9)
+    model.release = asyncio.Event()  # the model answers only after the (stub, instant) ASR
+    leg = Leg(model, config=WITH_TEXT)
+    leg.pipeline._transcriber = TextTranscriber(text)
+    await leg.run(SILENCE, 5)
+    await leg.run(SPEECH, 20)
+    await leg.run(SILENCE, ASK_AT + 2)
+    assert leg.finals() == []
+    model.release.set()
+    await leg.run(SILENCE, 1)
+    if reason == "semantic":
+        (final,) = leg.finals()
+        assert final.data["reason"] == "semantic" and final.data["asr"]["speculative"] is True
+        assert final.data["text"] == text
+        assert "turn 0: P(complete) 0.900, ends it" in caplog.text
+    else:
+        assert leg.finals() == []  # the model said complete, the words say otherwise
+        assert "reads unfinished (ends in 'is'), keeps it open" in caplog.text
+        await leg.run(SILENCE, MAX_AT - ASK_AT - 3)
+        (final,) = leg.finals()
+        assert final.data["reason"] == "silence" and final.data["asr"]["speculative"] is True
+    await leg.pipeline.close()

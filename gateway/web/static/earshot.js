@@ -121,9 +121,25 @@ function startBoard(table) {
   source.onopen = function () { setFeed(true, "live"); };
 }
 
+// the side of a two-speaker transcript a leg's turns are on (as gateway/store/queries.py speaker_side):
+// a SIPREC leg's role, else Earshot's leg names (caller, agent)
+function speakerSide(leg, role) {
+  if (role === "customer" || role === "agent") return role;
+  return leg === "caller" ? "customer" : (leg === "agent" ? "agent" : "other");
+}
+
 // -- a transcript timeline: turns (a partial replaced by its final) and digits, in time order.
-// Shared by the live call view and the "Try it" page (try.js).
+// Shared by the live call view and the "Try it" page (try.js). With turns of two or more legs
+// it becomes a two-speaker transcript: one colour per side, the speaker's name and role shown.
 function transcriptView(list) {
+  var legs = {};
+  list.querySelectorAll("li[data-leg]").forEach(function (li) { legs[li.getAttribute("data-leg")] = true; });
+  function who(ev) {
+    var w = el("span", "who", ev.participant || ev.leg || "caller");
+    w.title = (ev.leg || "caller") + (ev.number ? " · " + ev.number : "");
+    if (ev.role) { w.appendChild(document.createTextNode(" ")); w.appendChild(el("span", "role", ev.role)); }
+    return w;
+  }
   function place(li, start) {
     li.setAttribute("data-start", start);
     var items = list.children;
@@ -145,9 +161,15 @@ function transcriptView(list) {
     var key = (ev.leg || "caller") + ":" + ev.turn;
     var old = findKey(key);
     if (old && old.classList.contains("final") && !final) return;  // a late partial never hides a final
-    var li = el("li", "turn " + (final ? "final" : "partial"));
+    var leg = ev.leg || "caller";
+    legs[leg] = true;
+    if (Object.keys(legs).length > 1) list.classList.add("two-sided");
+    var li = el("li", "turn " + (final ? "final" : "partial") + " side-" + speakerSide(leg, ev.role));
     li.setAttribute("data-key", key);
-    li.appendChild(el("span", "no", "#" + ev.turn));
+    li.setAttribute("data-leg", leg);
+    var no = el("span", "no", "#" + ev.turn);
+    if (ev.role || ev.participant || leg !== "caller") { no.appendChild(document.createTextNode(" ")); no.appendChild(who(ev)); }
+    li.appendChild(no);
     li.appendChild(el("span", "at", mmss(ev.start_ms || 0)));
     li.appendChild(el("span", "text", ev.text || (final ? "" : "…")));
     var conf = el("span", "conf", final ? confidence(ev.confidence) : "");
@@ -201,6 +223,20 @@ function startCall(list) {
   source.addEventListener("unauthorized", loggedOut(source));
 }
 
+// a recorded call: clicking a turn (or a digit) plays the recording from its start_ms
+function seekOnClick(list, audio) {
+  list.addEventListener("click", function (e) {
+    var li = e.target.closest ? e.target.closest("li[data-start]") : null;
+    if (!li) return;
+    var ms = parseInt(li.getAttribute("data-start"), 10);
+    if (isNaN(ms)) return;
+    audio.currentTime = ms / 1000;
+    var playing = audio.play();
+    if (playing && playing.catch) playing.catch(function () {});
+  });
+  list.classList.add("seekable");
+}
+
 // the server ended a stream whose login ended (logout, password change): to the login page
 function loggedOut(source) {
   return function () {
@@ -216,6 +252,8 @@ document.addEventListener("DOMContentLoaded", function () {
   if (board && board.getAttribute("data-stream") && window.EventSource) startBoard(board);
   var timeline = document.getElementById("timeline");
   if (timeline && timeline.getAttribute("data-stream") && window.EventSource) startCall(timeline);
+  var audio = document.getElementById("recording");
+  if (timeline && audio) seekOnClick(timeline, audio);
   document.querySelectorAll("time[datetime]").forEach(function (t) {
     var d = new Date(t.getAttribute("datetime"));
     if (!isNaN(d)) t.title = d.toLocaleString();
