@@ -13,6 +13,7 @@ the history search, and opens its detail page. Screenshots of every page at
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -159,17 +160,17 @@ async def test_supervisor_watches_a_call_live_then_finds_it_in_history(stack):
             await expect(page).to_have_url(f"{base}/calls/{call_id}")
             await expect(page.locator("#call-status")).to_have_text("live")
             turn_1 = page.locator("li[data-key='caller:1']")
-            await expect(turn_1).to_have_class("turn final")
+            await expect(turn_1).to_have_class(re.compile(r"^turn final( |$)"))
             await expect(turn_1.locator(".text")).to_have_text(spoken[0])
             await publish(stack, turn2[:1])
             turn_2 = page.locator("li[data-key='caller:2']")
-            await expect(turn_2).to_have_class("turn partial")
+            await expect(turn_2).to_have_class(re.compile(r"^turn partial( |$)"))
             await expect(turn_2.locator(".text")).to_have_text(turn2[0].data["text"])
             style = await turn_2.evaluate("e => getComputedStyle(e).fontStyle + ' ' + getComputedStyle(e).color")
             assert style.startswith("italic"), style
             await shot(page, "call-live-partial-1280")
             await publish(stack, turn2[1:])
-            await expect(turn_2).to_have_class("turn final")
+            await expect(turn_2).to_have_class(re.compile(r"^turn final( |$)"))
             await expect(turn_2.locator(".text")).to_have_text(spoken[1])
             await expect(page.locator("li[data-key='caller:2']")).to_have_count(1)  # replaced, not added
             await publish(stack, turn3 + tail)
