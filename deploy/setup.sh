@@ -11,9 +11,11 @@ SUDO=""
 # System packages: Python venv support, Redis (the event bus), PostgreSQL (the store tests'
 # server; the gateway itself defaults to SQLite), and the tools the tests and benchmarks use
 # as independent peers (sipp, baresip) and to make test speech (sox, flite); chromium for the
-# dashboard's browser tests (Playwright drives it; it never downloads a browser).
+# dashboard's browser tests (Playwright drives it; it never downloads a browser); kamailio for
+# the load-balancer test in front of several gateways (tests/e2e/test_kamailio.py, deploy/kamailio/;
+# the test starts its own instance, the package's service is not needed).
 PKGS=(python3-venv python3-dev redis-server redis-tools postgresql postgresql-client sox flite
-      sip-tester baresip chromium asterisk-core-sounds-en-wav asterisk-core-sounds-en)
+      sip-tester baresip chromium asterisk-core-sounds-en-wav asterisk-core-sounds-en kamailio)
 if [ "${1:-}" != "--no-apt" ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -21,6 +23,11 @@ if [ "${1:-}" != "--no-apt" ] && command -v apt-get >/dev/null; then
     echo "setup: installing ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    # a kamailio installed just now for the tests must not hold port 5060 (Earshot's default)
+    if [[ " ${missing[*]} " == *" kamailio "* ]] && command -v systemctl >/dev/null \
+        && [ -d /run/systemd/system ]; then
+      $SUDO systemctl disable --now kamailio >/dev/null 2>&1 || true
+    fi
   fi
 fi
 

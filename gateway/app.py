@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import sdp
+from . import __version__, sdp
 from .asr.factory import build_transcriber
 from .asr.interface import Transcriber, TranscriptionResult
 from .call import Call
@@ -32,6 +32,7 @@ from .dialplan_watch import DialplanSource, ReloadResult
 from .events import SIP_KINDS, TURN_FINAL, Source
 from .http import HttpServer, build_app
 from .identity import identity
+from .instances import registry_key
 from .media.turn import TurnConfig
 from .media.vad import BatchedVadRunner, SileroVad
 from .metrics import Metrics
@@ -353,6 +354,7 @@ class Gateway:
                                     on_final=self._on_final, turn_config=turn_config(s),
                                     partials=partials_enabled(s), end_of_turn=self.end_of_turn,
                                     recordings=self.recordings)
+        self.sessions.instance = self.instance_id
         await self.publisher.start()
         if s.persist:
             await self._start_persister()
@@ -411,7 +413,7 @@ class Gateway:
         self._presence_client = aioredis.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=2)
         names = s.asr_pool_names
         self.heartbeat = Heartbeat(self._presence_client, names.gateway(self.instance_id), s.asr_pool_heartbeat_s,
-                                   self._describe)
+                                   self._describe, registry=registry_key(s.stream_prefix))
         await self.heartbeat.start()
         if s.asr_backend == "pool":
             self._spawn(self._watch_workers())
@@ -440,6 +442,7 @@ class Gateway:
             "asr_backlog": int(getattr(self.transcriber, "queued", 0)),
             "draining": self.draining,
             "started": self.started_at,
+            "version": __version__,
         }
 
     @property
@@ -498,6 +501,7 @@ class Gateway:
         """Stop taking calls (503), let active ones finish, then end the rest cleanly."""
         timeout = self.settings.drain_timeout_s if timeout is None else timeout
         self.draining = True
+        self.ua.draining, self.ua.draining_retry_after = True, self.settings.retry_after_s  # OPTIONS: 503
         if self.sessions is not None:
             self.sessions.draining = True
         log.info("draining: %d active calls, %d API sessions, up to %.0f s", len(self.calls),

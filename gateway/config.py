@@ -160,6 +160,8 @@ class Settings:
     persister_consumer: str = ""  # empty: <hostname>-<pid>
     persister_batch: int = 200  # events per read and per transaction
     persister_claim_idle_s: float = 60.0  # take over entries pending this long in a dead consumer
+    # a gateway instance silent this long is lost: its open calls end with reason gateway-lost (gateway/instances.py)
+    gateway_lost_after_s: float = 60.0
     # consumers act on calls through <stream_prefix>:control (docs/consumers.md): transfer, hangup, pause, resume
     call_control: bool = True
     # dashboard and JSON API, served by the HTTP server at /
@@ -292,6 +294,9 @@ class Settings:
         _check(bool(self.persister_group.strip()), "persister_group", "must not be empty")
         _check(self.persister_batch >= 1, "persister_batch", "must be at least 1")
         _check(self.persister_claim_idle_s > 0, "persister_claim_idle_s", "must be positive")
+        _check(_finite(self.gateway_lost_after_s) and 1 <= self.gateway_lost_after_s <= 86_400
+               and self.gateway_lost_after_s > 3 * self.asr_pool_heartbeat_s, "gateway_lost_after_s",
+               "must be 1 to 86400 seconds and longer than 3 heartbeats (asr_pool_heartbeat_s)")
         _check(self.web_session_ttl_s >= 60, "web_session_ttl_s", "must be at least 60 seconds")
         _check(not self.web_secret_key or len(self.web_secret_key) >= 16, "web_secret_key",
                "must have at least 16 characters (or be empty to use a generated one)")
@@ -393,6 +398,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "semantic_threshold": (0, 1),
     "persister_batch": (1, 10_000),
     "persister_claim_idle_s": (1, 86_400),
+    "gateway_lost_after_s": (1, 86_400),
     "web_session_ttl_s": (60, 2_592_000),
     "web_live_window_s": (60, 604_800),
     "web_sse_queue": (8, 100_000),

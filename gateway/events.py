@@ -286,6 +286,7 @@ class CallStarted(Payload):
     language: str | None = text_field(16, null=True)
     legs: tuple[str, ...] = strings_field(64)
     participants: tuple[Participant, ...] = objects_field(Participant)
+    gateway: str | None = text_field(128)  # the gateway instance carrying the session (its heartbeat; gateway-lost)
 
 
 @dataclass(frozen=True)

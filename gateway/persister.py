@@ -53,6 +53,7 @@ from .events import (
     TurnPartial,
 )
 from .identity import clean_event_body
+from .instances import GATEWAY_LOST, GatewayLostSweep
 
 if TYPE_CHECKING:  # SQLAlchemy and redis.asyncio load with the persister, not with the package
     import redis.asyncio as aioredis
@@ -274,6 +275,7 @@ class _Batch:
         call.dialplan_rule = started.dialplan_rule or None
         call.dialplan_profile = started.dialplan_profile or None
         call.language = started.language or None
+        call.gateway = started.gateway or None
         speakers = {p.leg: (p.role, p.name, p.number) for p in started.participants if p.leg}
         for label in started.legs:
             self._leg(call.call_id, label, now, speakers.get(label))
@@ -339,6 +341,8 @@ class _Batch:
     def _ended(self, call: Call, ended: CallEnded, when: datetime) -> None:
         from .store.models import CALL_ENDED as STATUS_ENDED
 
+        if ended.reason == GATEWAY_LOST and call.status == STATUS_ENDED:
+            return  # the gateway's own call.ended came first: it says more
         call.status = STATUS_ENDED
         call.ended_at = when
         call.end_reason = ended.reason
@@ -466,6 +470,7 @@ class Persister:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 10.0,
         forget_consumers_after_s: float = 3600.0,
+        gateway_lost: GatewayLostSweep | None = None,
     ) -> None:
         if engine is None and database_url is None:
             raise ValueError("give a database_url or an engine")
@@ -483,6 +488,7 @@ class Persister:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.forget_consumers_after_s = forget_consumers_after_s
+        self.gateway_lost = gateway_lost  # ends lost gateways' open calls (gateway/instances.py)
         self._engine = engine
         self._owns_engine = engine is None
         self._store: EventStore | None = None
@@ -509,7 +515,8 @@ class Persister:
         return cls(settings.redis_url, settings.database_url, stream=settings.events_stream,
                    group=settings.persister_group, consumer=settings.persister_consumer or None,
                    batch_size=settings.persister_batch,
-                   claim_min_idle_ms=int(settings.persister_claim_idle_s * 1000), **kwargs)
+                   claim_min_idle_ms=int(settings.persister_claim_idle_s * 1000),
+                   **{"gateway_lost": GatewayLostSweep.from_settings(settings), **kwargs})
 
     # -- lifecycle
     async def start(self) -> None:
@@ -590,7 +597,7 @@ class Persister:
         backoff = self.backoff_initial_s
         group_ready = False
         recover = True  # re-read own pending entries and reclaim dead consumers' ones
-        next_claim = 0.0
+        next_claim = next_sweep = 0.0
         try:
             while not self._stopping.is_set():
                 try:
@@ -604,6 +611,10 @@ class Persister:
                     elif loop.time() >= next_claim:
                         await self._autoclaim()
                         next_claim = loop.time() + self.claim_interval_s
+                    if self.gateway_lost is not None and loop.time() >= next_sweep:
+                        assert self._redis is not None and self._store is not None
+                        await self.gateway_lost.sweep(self._redis, self._store.sessions, self._executor)
+                        next_sweep = loop.time() + self.gateway_lost.interval_s
                     assert self._redis is not None
                     reply = await self._redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
                                                          count=self.batch_size, block=self.block_ms)

@@ -5,6 +5,10 @@ Each process writes one key, ``<prefix>:gateway:<instance>`` or
 ``interval_s`` with a time-to-live of three intervals: a process that dies
 disappears by itself within three intervals, and one that stops cleanly
 deletes its key. ``earshot status`` and the gateway's health read them back.
+A gateway's heartbeat also goes into a registry hash with no TTL
+(``<prefix>:gateways``, :mod:`gateway.instances`): a key that expired says
+nothing, the registry remembers that an instance existed and when it was last
+seen, so one that died can be reported lost and its calls ended.
 Nothing here is a cluster protocol: the keys only describe.
 """
 
@@ -35,9 +39,12 @@ def default_instance_id() -> str:
 class Heartbeat:
     """Writes ``describe()`` as JSON under ``key`` every ``interval_s``, with a TTL of 3 intervals."""
 
-    def __init__(self, client: Any, key: str, interval_s: float, describe: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, client: Any, key: str, interval_s: float, describe: Callable[[], dict[str, Any]],
+                 registry: str | None = None) -> None:
+        """``registry``: a hash that also gets the body under the key's name, without a TTL."""
         self.client = client
         self.key = key
+        self.registry = registry
         self.interval_s = interval_s
         self.describe = describe
         self._task: asyncio.Task[None] | None = None
@@ -51,8 +58,14 @@ class Heartbeat:
         body = dict(self.describe())
         body["heartbeat"] = time.time()
         try:
-            await self.client.set(self.key, json.dumps(body, separators=(",", ":")),
-                                  px=max(1, int(self.interval_s * 3000)))
+            text = json.dumps(body, separators=(",", ":"))
+            if self.registry is None:
+                await self.client.set(self.key, text, px=max(1, int(self.interval_s * 3000)))
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.set(self.key, text, px=max(1, int(self.interval_s * 3000)))
+                pipe.hset(self.registry, self.key, text)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             log.debug("heartbeat %s not written: %s", self.key, exc)
             return False
@@ -74,6 +87,8 @@ class Heartbeat:
             self._task = None
         try:
             await self.client.delete(self.key)
+            if self.registry is not None:
+                await self.client.hdel(self.registry, self.key)  # stopped cleanly: not lost
         except (RedisError, OSError):
             pass  # it expires by itself
 

@@ -212,6 +212,7 @@ class SessionHost:
         self.end_of_turn = end_of_turn
         self.sessions: dict[str, Session] = {}
         self.draining = False
+        self.instance = ""  # the gateway instance id, in call.started (set by the gateway)
 
     def open(self, source: Source, legs: list[LegSpec], *, language: str | None = None,
              tags: tuple[str, ...] = (), started: dict[str, Any] | None = None,
@@ -294,6 +295,7 @@ class SessionHost:
         session.publish(events.make(CALL_STARTED, {
             "language": language,
             "legs": [spec.name for spec in legs],
+            **({"gateway": self.instance} if self.instance else {}),
             **(started or {}),
         }))
         return session

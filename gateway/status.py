@@ -2,7 +2,8 @@
 
 Reads heartbeats (:mod:`gateway.presence`) and the job streams' consumer
 group; writes nothing. A worker or gateway that stopped heartbeating is gone
-from the lists within three heartbeat intervals.
+from the live lists within three heartbeat intervals; the gateway registry
+(:mod:`gateway.instances`) still shows it, silent and then lost.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from .config import Settings, mask_url
+from .instances import read_instances
 from .presence import read_presence
 
 __all__ = ["collect_status", "render_status", "status_command"]
@@ -32,6 +34,17 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     try:
         workers = sorted(await read_presence(client, names.workers_pattern), key=lambda w: str(w.get("id")))
         gateways = sorted(await read_presence(client, names.gateways_pattern), key=lambda g: str(g.get("instance")))
+        # the registry also remembers instances whose heartbeat stopped (silent, then lost)
+        known = {g.get("instance") for g in gateways}
+        for view in await read_instances(client, settings.stream_prefix, heartbeat_s=settings.asr_pool_heartbeat_s,
+                                         lost_after_s=settings.gateway_lost_after_s):
+            if view.instance in known:
+                for g in gateways:
+                    if g.get("instance") == view.instance:
+                        g["state"] = view.state
+            else:
+                gateways.append(view.to_dict())
+        gateways.sort(key=lambda g: str(g.get("instance")))
         queues = []
         for kind in ("final", "partial"):
             stream = names.jobs(kind)
@@ -58,12 +71,15 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     for item in workers + gateways:
         if isinstance(item.get("heartbeat"), (int, float)):
             item["heartbeat_age_s"] = round(now - item["heartbeat"], 1)
+    for g in gateways:
+        g.setdefault("state", "draining" if g.get("draining") else "alive")
     return {
         "redis": settings.redis_url,
         "stream_prefix": settings.stream_prefix,
         "group": names.group,
         "workers": workers,
         "gateways": gateways,
+        "gateway_lost_after_s": settings.gateway_lost_after_s,
         "queues": queues,
         "reclaimed": sum(int(w.get("reclaimed", 0)) for w in workers),
     }
@@ -95,11 +111,15 @@ def render_status(status: dict[str, Any]) -> str:
     gateways = status["gateways"]
     lines += ["", f"Gateway instances: {len(gateways)}"]
     if gateways:
-        lines += _table(["instance", "host", "SIP", "HTTP", "calls", "ASR", "ASR backlog", "last heartbeat"],
-                        [[g.get("instance"), g.get("host"), g.get("sip_port"), g.get("http_port"),
-                          g.get("active_calls"), g.get("asr_backend"), g.get("asr_backlog"),
+        lines += _table(["instance", "state", "host", "SIP", "HTTP", "version", "calls", "ASR", "ASR backlog",
+                         "last heartbeat"],
+                        [[g.get("instance"), g.get("state"), g.get("host"), g.get("sip_port"), g.get("http_port"),
+                          g.get("version"), g.get("active_calls"), g.get("asr_backend"), g.get("asr_backlog"),
                           f"{g.get('heartbeat_age_s', '?')} s ago" + (" (draining)" if g.get("draining") else "")]
                          for g in gateways])
+        if any(g.get("state") == "lost" for g in gateways):
+            lines.append(f"lost: silent over gateway_lost_after_s ({status.get('gateway_lost_after_s')} s); "
+                         "their open calls are ended with reason gateway-lost by the persister")
     return "\n".join(lines)
 
 

@@ -178,6 +178,11 @@ class UserAgent:
         self.local_port = local_port
         self.local_tls_port = 5061  # SIP over TLS listens here (Via and Contact of TLS peers)
         self.user_agent = user_agent
+        # Set while the gateway drains (SIGTERM): out-of-dialog OPTIONS get 503 + Retry-After, so a
+        # load balancer probing with OPTIONS (Kamailio's dispatcher) takes this gateway out of its set
+        # before any INVITE is refused; in-dialog OPTIONS of the calls still up stay 200.
+        self.draining = False
+        self.draining_retry_after = 30
         self.timers = TimerConfig(t1=t1, t2=t2, t4=t4)
         self._transmits: list[Transmit] = []
         self._events: list[Event] = []
@@ -494,6 +499,9 @@ class UserAgent:
         elif method == "INVITE":
             assert isinstance(txn, InviteServerTransaction)
             self._on_invite(req, txn, now)
+        elif method == "OPTIONS" and self.draining:
+            self._reply(txn, 503, now, reason="Service Unavailable - Shutting Down",
+                        extra=[("Retry-After", str(self.draining_retry_after))])
         elif method == "OPTIONS":
             self._reply(txn, 200, now, extra=self._capabilities(txn, contact=False))
         else:

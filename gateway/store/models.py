@@ -107,6 +107,8 @@ class Call(Base):
     remote_media: Mapped[str | None] = mapped_column(Text)
     local_media_port: Mapped[int | None] = mapped_column(Integer)
     language: Mapped[str | None] = mapped_column(String(16))  # forced ASR language, if any
+    # the gateway instance that carried it (call.started), migration 0007: its gateway-lost sweep
+    gateway: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[str] = mapped_column(String(8), default=CALL_LIVE)
     started_at: Mapped[datetime]  # answer time (call.started), else the first event seen
     answered_at: Mapped[datetime | None]

@@ -204,6 +204,15 @@ class Dashboard:
         if data.logged_in:
             await run_in_threadpool(self._revoke_stored, data)
 
+    async def gateways(self) -> list[dict[str, Any]]:
+        """The gateway instances for the board (gateway/instances.py); [] with a hub that has none."""
+        read = getattr(self.hub, "gateways", None)
+        if read is None:
+            return []
+        s = self.settings
+        return list(await read(s.stream_prefix, heartbeat_s=s.asr_pool_heartbeat_s,
+                               lost_after_s=s.gateway_lost_after_s))
+
     def stream_alive(self, request: Request) -> Callable[[], Awaitable[bool]]:
         """For a live stream: does the credential that opened it still hold? A session that
         logged out, a changed password, a disabled user or a revoked token ends the stream

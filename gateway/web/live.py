@@ -76,13 +76,15 @@ class LiveCall:
     turns: int = 0  # finals seen
     last_number: int = 0  # highest event number applied (deduplication)
     last_event_at: float = 0.0  # wall clock of the newest event
+    gateway: str = ""  # the gateway instance carrying it (call.started's gateway)
 
     def to_json(self) -> dict[str, Any]:
         return {"call_id": self.call_id, "from": self.from_uri, "to": self.to_uri, "tags": list(self.tags),
                 "started_at": _iso(self.started_at), "started_ms": int(self.started_at * 1000),
                 "sip_call_id": self.sip_call_id, "source": {"kind": self.source_kind, **self.source_ids},
                 "latest_text": self.latest_text,
-                "latest_partial": self.latest_partial, "latest_turn": self.latest_turn, "turns": self.turns}
+                "latest_partial": self.latest_partial, "latest_turn": self.latest_turn, "turns": self.turns,
+                "gateway": self.gateway}
 
 
 @dataclass
@@ -143,6 +145,7 @@ class LiveBoard:
             self.calls[call_id] = call
         if isinstance(payload, CallStarted):
             call.started_at = when
+            call.gateway = payload.gateway or ""
         call.last_number = max(call.last_number, number)
         call.last_event_at = max(call.last_event_at, when)
         if isinstance(payload, (TurnPartial, TurnFinal)):
@@ -402,6 +405,24 @@ class LiveHub:
 
     def active(self) -> list[LiveCall]:
         return self.board.active()
+
+    async def gateways(self, prefix: str, *, heartbeat_s: float, lost_after_s: float) -> list[dict[str, Any]]:
+        """Every gateway instance in the registry (alive, draining, silent, lost) with the board's
+        calls on each (``board_calls``); [] while Redis is unreachable."""
+        from ..instances import read_instances
+
+        if self._replay_redis is None:
+            return []
+        try:
+            views = await read_instances(self._replay_redis, prefix, heartbeat_s=heartbeat_s,
+                                         lost_after_s=lost_after_s)
+        except Exception as exc:  # Redis down: the board still shows its calls
+            log.debug("gateway registry unreadable: %s", exc)
+            return []
+        on_board: dict[str, int] = {}
+        for call in self.board.calls.values():
+            on_board[call.gateway] = on_board.get(call.gateway, 0) + 1
+        return [{**v.to_dict(), "board_calls": on_board.get(v.instance, 0)} for v in views]
 
     def get(self, call_id: str) -> LiveCall | None:
         return self.board.calls.get(call_id)

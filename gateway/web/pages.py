@@ -177,6 +177,7 @@ def page_router(d: Dashboard) -> APIRouter:
     async def board(request: Request) -> Response:
         user = await page_user(request)
         return d.render(request, "board.html", {"user": user, "calls": [c.to_json() for c in d.hub.active()],
+                                                "gateways": await d.gateways(),
                                                 "redis_ok": d.hub.redis_ok, "nav": "live"})
 
     @router.get("/calls")

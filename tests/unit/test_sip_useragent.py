@@ -251,6 +251,20 @@ def test_options_outside_and_inside_dialog() -> None:
     assert ok.status == 200 and NameAddress.parse(ok.headers.get("to") or "").tag == dialog_id
 
 
+def test_options_while_draining_503_but_calls_keep_theirs() -> None:
+    """A draining gateway fails a load balancer's OPTIONS probe (deploy/kamailio), not its calls' own."""
+    phone = Phone()
+    dialog_id, _ = phone.call()
+    phone.ua.draining, phone.ua.draining_retry_after = True, 7
+    (probe,) = phone.send(request("OPTIONS", branch="z9hG4bKdrain", call_id="ping-2", contact=None))
+    assert probe.status == 503 and probe.headers.get("retry-after") == "7"
+    (ok,) = phone.send(request("OPTIONS", branch="z9hG4bKdrain2", cseq=2, to_tag=dialog_id))
+    assert ok.status == 200
+    phone.ua.draining = False
+    (probe,) = phone.send(request("OPTIONS", branch="z9hG4bKdrain3", call_id="ping-3", contact=None))
+    assert probe.status == 200
+
+
 def test_unknown_dialog_gets_481() -> None:
     phone = Phone()
     for method in ("BYE", "INVITE", "OPTIONS", "UPDATE", "INFO"):
