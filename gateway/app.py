@@ -60,6 +60,7 @@ from .sip.transport import SipEndpoint
 from .sip.admission import Admission, AdmissionConfig
 from .sip import session_timer
 from .sip.useragent import UserAgent
+from .tasks import stop_tasks
 from .trunks import Trunk, TrunkTable
 from .rtp.srtp import SrtpContext
 from .tlsconfig import load_sip_tls
@@ -535,9 +536,7 @@ class Gateway:
         if self.control is not None:
             await self.control.close()
         await self.sip.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(list(self._tasks), timeout=10.0)  # bounded, re-cancelled: gateway/tasks.py
         if self.vad_runner is not None:
             self.vad_runner.close()
         self.end_of_turn.close()

@@ -54,6 +54,7 @@ from .events import (
 )
 from .identity import clean_event_body
 from .instances import GATEWAY_LOST, GatewayLostSweep
+from .tasks import stop_tasks
 
 if TYPE_CHECKING:  # SQLAlchemy and redis.asyncio load with the persister, not with the package
     import redis.asyncio as aioredis
@@ -544,8 +545,7 @@ class Persister:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except asyncio.TimeoutError:
                 log.warning("persister did not stop within %.0f s; cancelling", timeout)
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+                await stop_tasks([self._task])
             except Exception:  # already logged by _run
                 pass
             self._task = None

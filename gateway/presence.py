@@ -26,6 +26,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .tasks import stop_tasks
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Heartbeat", "default_instance_id", "read_presence"]
@@ -79,11 +81,7 @@ class Heartbeat:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_tasks([self._task])  # redis-py may swallow one cancel (gateway/tasks.py)
             self._task = None
         try:
             await self.client.delete(self.key)

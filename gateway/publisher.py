@@ -45,6 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 from .config import mask_url
 from .events import CALL_ENDED, TURN_PARTIAL, Event
 from .spool import Spool, SpoolError, SpoolRecord
+from .tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +307,7 @@ class Publisher:
         left goes to the spool, replayed at the next start."""
         flushed = await self.flush(timeout if self.connected or self._down_since is None else 0)
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_tasks([self._task])  # redis-py may swallow one cancel (gateway/tasks.py)
         if not flushed:
             left = self.backlog
             self._spool_retry_at = 0.0  # one more try, whatever failed before

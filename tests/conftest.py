@@ -18,7 +18,7 @@ import pytest
 import redis
 
 # The event-loop choice (asyncio and uvloop for transport tests) for every module of every run.
-pytest_plugins = ["tests.loops"]
+pytest_plugins = ["tests.loops", "tests.timeouts"]
 
 #: The machine's Redis server (deploy/setup.sh starts one if none answers).
 REDIS_URL = "redis://127.0.0.1:6379/0"

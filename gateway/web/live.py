@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from ..events import CallEnded, CallStarted, Event, EventError, TurnFinal, TurnPartial, parse_fields
 from ..identity import clean_event_body
+from ..tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +364,7 @@ class LiveHub:
             # a ConnectionError; cancel only if it does not stop in time
             await asyncio.wait([self._task], timeout=self.block_ms / 1000 + 1.0)
             if not self._task.done():
-                self._task.cancel()
-                await asyncio.wait([self._task], timeout=5)
+                await stop_tasks([self._task])
             self._task = None
         for sub in list(self._board_subs) + [s for subs in self._call_subs.values() for s in subs]:
             sub._end(RESET)

@@ -264,6 +264,7 @@ async def test_pjsua2_hold_and_resume(transport: str, tmp_path: Path, prefix: st
     script = tmp_path / "pjsua_hold.py"
     script.write_text(PJSUA_HOLD_SCRIPT)
     await gateway.start()
+    proc = None
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(script), f"127.0.0.1:{gateway.sip_port}", transport,
@@ -275,6 +276,9 @@ async def test_pjsua2_hold_and_resume(transport: str, tmp_path: Path, prefix: st
             await asyncio.sleep(0.05)
         assert not gateway.calls, "the call did not end in the gateway"
     finally:
+        if proc is not None and proc.returncode is None:  # PJSIP stuck: never leave it running
+            proc.kill()
+            await proc.wait()
         await gateway.close()
     assert proc.returncode == 0, err.decode()[-2000:]
     seen = json.loads(out.decode().strip().splitlines()[-1])

@@ -51,6 +51,7 @@ from ..interface import (
 )
 from ...config import mask_url
 from .wire import PoolNames, WireError, decode_reply, encode_job
+from ...tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,7 @@ class PoolTranscriber:
             last = max(w.request.deadline or 0.0 for w in finals)
             await asyncio.wait([w.future for w in finals], timeout=max(0.0, last - self._wall()) + 0.1)
         if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.wait((self._reader,), timeout=5.0)  # bounded: see AsrWorker.close
+            await stop_tasks([self._reader])  # bounded, re-cancelled: gateway/tasks.py
         if self._client is not None:
             try:
                 await self._client.delete(self.reply_stream)

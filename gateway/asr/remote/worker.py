@@ -51,6 +51,7 @@ from redis.exceptions import RedisError, ResponseError
 from ..interface import AsrTimeout, Superseded, TranscriberClosed, TranscriptionResult
 from ..runner import BatchRunner, Engine
 from ..scheduler import AsrScheduler, Batch, SchedulerLimits
+from ...tasks import stop_tasks
 from ...config import mask_url
 from .wire import Job, PoolNames, Reply, WireError, decode_job, encode_reply
 
@@ -158,12 +159,8 @@ class AsrWorker:
     async def close(self) -> None:
         self.draining = True
         self.scheduler.close()
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:  # bounded: a Redis call stuck in a cancelled task must not hang the exit
-            _done, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_S)
-            for task in stuck:
-                log.warning("task %s did not stop within %.0f s of its cancellation", task.get_name(), CLOSE_TIMEOUT_S)
+        # bounded, and re-cancelled: redis-py may swallow a cancel (gateway/tasks.py)
+        await stop_tasks(self._tasks, timeout=CLOSE_TIMEOUT_S)
         self._tasks.clear()
         await asyncio.to_thread(self.runner.join, 30)
         if self._client is not None:
