@@ -417,15 +417,21 @@ def fmt(value: object, spec: str = ".0f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
+def add_call_law_arguments(parser: argparse.ArgumentParser, *, mean_hold: float, min_hold: float,
+                           max_hold: float, ramp_rate: float) -> None:
+    """The hold-time law and ramp options (--mean-hold, --min-hold, --max-hold, --ramp-rate), shared with soak.py."""
+    parser.add_argument("--mean-hold", type=float, default=mean_hold, help="mean of the exponential hold, s")
+    parser.add_argument("--min-hold", type=float, default=min_hold, help="holds clipped to at least this, s")
+    parser.add_argument("--max-hold", type=float, default=max_hold, help="holds clipped to at most this, s")
+    parser.add_argument("--ramp-rate", type=float, default=ramp_rate, help="calls per second while ramping in")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, nargs="+", default=[50, 100, 200], help="target concurrent calls")
     parser.add_argument("--gateways", type=int, nargs="+", default=[1, 2], help="gateway process counts")
     parser.add_argument("--duration", type=float, default=60.0, help="arrival window per step, s (max 600)")
-    parser.add_argument("--mean-hold", type=float, default=20.0)
-    parser.add_argument("--min-hold", type=float, default=3.0)
-    parser.add_argument("--max-hold", type=float, default=60.0)
-    parser.add_argument("--ramp-rate", type=float, default=20.0, help="calls per second while ramping in")
+    add_call_law_arguments(parser, mean_hold=20.0, min_hold=3.0, max_hold=60.0, ramp_rate=20.0)
     parser.add_argument("--tail", type=float, default=5.0, help="every call ends within this after --duration")
     parser.add_argument("--asr", default="stub", help="EARSHOT_ASR_MODEL (stub: media path only; tiny.en: Whisper)")
     parser.add_argument("--seed", type=int, default=1)
