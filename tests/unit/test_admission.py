@@ -12,7 +12,6 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import time
 
 import pytest
 
@@ -390,19 +389,30 @@ async def test_gateway_unknown_source_gets_nothing(make_gateway, caplog) -> None
         sock.close()
 
 
-async def test_gateway_thousands_of_headers_cost_little_and_get_400(make_gateway) -> None:
+async def test_gateway_thousands_of_headers_cost_little_and_get_400(make_gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cheap by construction, not by a stopwatch (a timed assertion fails on a loaded machine;
+    the time itself is in bench/RESULTS.md): the header count is taken on the bytes, and only
+    the first MAX_HEADER_LINES lines are ever parsed, to address the 400."""
+    from gateway.sip import message
+
+    parsed: list[int] = []
+    real = message._parse_header_lines
+
+    def counting(lines, headers):  # type: ignore[no-untyped-def]
+        parsed.append(len(lines))
+        return real(lines, headers)
+
+    monkeypatch.setattr(message, "_parse_header_lines", counting)
     gateway = await make_gateway()  # loopback: a verified, trusted source
     sock = udp_socket()
     try:
         port = sock.getsockname()[1]
         big = raw_invite(gateway.sip_port, port, call_id="big1", extra="X-Junk: a\n" * 7000)[:65000]
         assert len(big) > 60_000
-        started = time.perf_counter()
-        gateway.ua.receive(big, _peer(port), gateway.sip.now())  # the parse cost, measured alone
-        cost = time.perf_counter() - started
+        gateway.ua.receive(big, _peer(port), gateway.sip.now())
         gateway.ua.take_transmits()
         gateway.ua.take_events()
-        assert cost < 0.005, f"{cost * 1000:.1f} ms for one datagram"
+        assert parsed and max(parsed) <= message.MAX_HEADER_LINES, parsed
         sock.sendto(big, ("127.0.0.1", gateway.sip_port))
         got = await collect(sock, 1.0)
         assert [d.split(b"\r\n", 1)[0] for d in got] == [b"SIP/2.0 400 Bad Request - Too Many Headers"]
