@@ -52,7 +52,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +236,23 @@ def sipp_media_port() -> int:
     raise RuntimeError("no free media port for sipp in 26000-29999")
 
 
+def sipp_command(sip_port: int, inf: Path, audio: Path, *, calls: int, timeout_s: int, errors_file: Path,
+                 stats_file: Path, stats_every_s: int) -> list[str]:
+    """sipp running bench/uac_load.xml over the injection file ``inf`` (each line names its gateway's
+    port; ``sip_port`` is only the default destination), ``calls`` calls in all, stats every
+    ``stats_every_s`` seconds (shared with soak.py)."""
+    return [
+        "sipp", f"127.0.0.1:{sip_port}", "-sf", str(SCENARIO), "-s", "1000", "-inf", str(inf),
+        "-i", "127.0.0.1", "-mi", "127.0.0.1", "-p", str(free_udp_port()), "-bind_local",
+        "-mp", str(sipp_media_port()), "-t", "u1",
+        "-key", "rtp_stream_arg", f"{audio},-1,0",
+        "-m", str(calls), "-r", "1000", "-l", str(calls + 10),
+        "-max_retrans", "3", "-recv_timeout", "20000", "-timeout", f"{timeout_s}s", "-timeout_error",
+        "-nostdin", "-trace_err", "-error_file", str(errors_file),
+        "-trace_stat", "-stf", str(stats_file), "-fd", str(stats_every_s),
+    ]
+
+
 def _metrics_or_empty(http_port: int) -> dict[str, float]:
     try:
         return metrics(http_port)
@@ -276,16 +292,8 @@ def run_step(n_gateways: int, calls: int, args: argparse.Namespace, audio: Path,
         run_s = args.duration + args.tail
         timeout_s = int(run_s + 40)
         stats_file, errors_file = log_dir / f"sipp_{tag}_stats.csv", log_dir / f"sipp_{tag}_errors.log"
-        sipp_args = [
-            "sipp", f"127.0.0.1:{gws[0].sip_port}", "-sf", str(SCENARIO), "-s", "1000", "-inf", str(inf),
-            "-i", "127.0.0.1", "-mi", "127.0.0.1", "-p", str(free_udp_port()), "-bind_local",
-            "-mp", str(sipp_media_port()), "-t", "u1",
-            "-key", "rtp_stream_arg", f"{audio},-1,0",
-            "-m", str(len(plan)), "-r", "1000", "-l", str(len(plan) + 10),
-            "-max_retrans", "3", "-recv_timeout", "20000", "-timeout", f"{timeout_s}s", "-timeout_error",
-            "-nostdin", "-trace_err", "-error_file", str(errors_file),
-            "-trace_stat", "-stf", str(stats_file), "-fd", "1",
-        ]
+        sipp_args = sipp_command(gws[0].sip_port, inf, audio, calls=len(plan), timeout_s=timeout_s,
+                                 errors_file=errors_file, stats_file=stats_file, stats_every_s=1)
         before = [metrics(gw.http_port) for gw in gws]
         udp_before = udp_counters()
         samples: list[dict] = []

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import pickle
 import resource
 import socket

@@ -53,7 +53,6 @@ import redis  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH,
     code_version,
-    free_udp_port,
     load_snapshot,
     machine_description,
     metrics,
@@ -65,12 +64,13 @@ from bench.common import (  # noqa: E402
 )
 from bench.load import (  # noqa: E402
     LIMITS_ENV,
-    SCENARIO,
     add_call_law_arguments,
+    fmt,
     injection_file,
     plan_calls,
     rss_kib,
-    sipp_media_port,
+    sipp_command,
+    sipp_stats,
     speech_file,
 )
 from gateway.events import parse_fields  # noqa: E402
@@ -249,14 +249,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict:
     inf.write_text(injection_file(plan, [gw.sip_port]), encoding="utf-8")
     timeout_s = int(args.duration + 5 + 60)
     stats_file, errors_file = log_dir / "sipp_soak_stats.csv", log_dir / "sipp_soak_errors.log"
-    sipp_args = [
-        "sipp", f"127.0.0.1:{gw.sip_port}", "-sf", str(SCENARIO), "-s", "1000", "-inf", str(inf),
-        "-i", "127.0.0.1", "-mi", "127.0.0.1", "-p", str(free_udp_port()), "-bind_local",
-        "-mp", str(sipp_media_port()), "-t", "u1", "-key", "rtp_stream_arg", f"{audio},-1,0",
-        "-m", str(len(plan)), "-r", "1000", "-l", str(len(plan) + 10),
-        "-max_retrans", "3", "-recv_timeout", "20000", "-timeout", f"{timeout_s}s", "-timeout_error",
-        "-nostdin", "-trace_err", "-error_file", str(errors_file), "-trace_stat", "-stf", str(stats_file), "-fd", "60",
-    ]
+    sipp_args = sipp_command(gw.sip_port, inf, audio, calls=len(plan), timeout_s=timeout_s, errors_file=errors_file,
+                             stats_file=stats_file, stats_every_s=60)
     rc = None
     try:
         sipp = subprocess.Popen(sipp_args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -326,11 +320,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict:
             client.delete(key)
         client.close()
     counts = sql_counts(db_path)
-    stats = {}
-    if stats_file.exists():
-        rows = [line.split(";") for line in stats_file.read_text().splitlines() if line.strip()]
-        if len(rows) >= 2:
-            stats = dict(zip(rows[0], rows[-1]))
+    stats = sipp_stats(stats_file.read_text() if stats_file.exists() else "")
     return {
         "code": code, "planned_calls": len(plan), "sipp_rc": sipp_rc, "gateway_exit": rc,
         "sipp_created": int(stats.get("TotalCallCreated", "0") or 0),
@@ -391,12 +381,6 @@ def plot(samples: list[dict], out_dir: Path) -> list[str]:
     return names
 
 
-def fmt(value: object, spec: str = ".1f") -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "n/a"
-    return format(value, spec) if isinstance(value, (int, float)) else str(value)
-
-
 def report(result: dict, args: argparse.Namespace, command: str, load: str, date: str, pngs: list[str]) -> str:
     samples = result["samples"]
     keys = ["rss_mib", "fds", "threads", "active_calls", "events_xlen", "prefix_keys", "redis_used_mib",
@@ -406,7 +390,7 @@ def report(result: dict, args: argparse.Namespace, command: str, load: str, date
         values = [float(s[key]) for s in samples if s.get(key) is not None and not math.isnan(float(s[key]))]
         if not values:
             continue
-        rows.append(f"| {key} | {fmt(values[0])} | {fmt(min(values))} | {fmt(max(values))} | {fmt(values[-1])} "
+        rows.append(f"| {key} | {fmt(values[0], '.1f')} | {fmt(min(values), '.1f')} | {fmt(max(values), '.1f')} | {fmt(values[-1], '.1f')} "
                     f"| {fmt(slope_per_hour(second_half(samples, key)), '.2f')} |")
     lost = sum(s["rtp_lost"] for s in samples if not math.isnan(s["rtp_lost"]))
     late = sum(s["rtp_late"] for s in samples if not math.isnan(s["rtp_late"]))
